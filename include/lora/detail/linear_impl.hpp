@@ -1,0 +1,419 @@
+#pragma once
+
+// Inline definitions of LoRALinearImpl<Base>; included by <lora/linear.hpp>.
+
+#include <algorithm>
+#include <cmath>
+#include <sstream>
+
+#include <ATen/ATen.h>
+#include <torch/nn/init.h>
+
+#include <lora/detail/strings.hpp>
+#include <lora/functional.hpp>
+#include <lora/init.hpp>
+
+namespace lora {
+
+template <typename Base>
+LoRALinearImpl<Base>::LoRALinearImpl(const BaseOptions& base_options) : base_options_(base_options) {
+  build(BaseHolder(std::make_shared<Base>(base_options_)));
+}
+
+template <typename Base>
+LoRALinearImpl<Base>::LoRALinearImpl(const BaseOptions& base_options, const LoRAOptions& options,
+                                     const std::string& adapter)
+    : LoRALinearImpl(base_options) {
+  add_adapter(adapter, options);
+}
+
+template <typename Base>
+LoRALinearImpl<Base>::LoRALinearImpl(const BaseHolder& base) : base_options_(checked_options(base)) {
+  build(base);
+}
+
+template <typename Base>
+const typename LoRALinearImpl<Base>::BaseOptions& LoRALinearImpl<Base>::checked_options(const BaseHolder& base) {
+  TORCH_CHECK(!base.is_empty(), "LoRALinear: the base layer is empty (nullptr)");
+  return Traits::options(*base);
+}
+
+template <typename Base>
+LoRALinearImpl<Base>::LoRALinearImpl(const BaseHolder& base, const LoRAOptions& options, const std::string& adapter)
+    : LoRALinearImpl(base) {
+  add_adapter(adapter, options);
+}
+
+template <typename Base>
+void LoRALinearImpl<Base>::build(BaseHolder base) {
+  base_layer_ = this->register_module("base_layer", std::move(base));
+  for (auto& parameter : base_layer_->parameters()) parameter.requires_grad_(false);
+  lora_A_ = this->register_module("lora_A", torch::nn::ModuleDict());
+  lora_B_ = this->register_module("lora_B", torch::nn::ModuleDict());
+  lora_magnitude_vector_ = this->register_module("lora_magnitude_vector", torch::nn::ParameterDict());
+}
+
+template <typename Base>
+void LoRALinearImpl<Base>::reset() {
+  build(BaseHolder(std::make_shared<Base>(base_options_)));
+  for (const auto& [name, options] : adapters_) create_adapter(name, options);
+  update_requires_grad();
+}
+
+template <typename Base>
+void LoRALinearImpl<Base>::reset_parameters() {
+  TORCH_CHECK(merged_.empty(), "LoRALinear: cannot re-initialise adapters while merged (merged: ",
+              detail::join(merged_), "); call unmerge() first");
+  for (const auto& [name, options] : adapters_) initialize_adapter(name, options);
+}
+
+template <typename Base>
+std::shared_ptr<torch::nn::Module> LoRALinearImpl<Base>::clone(const c10::optional<torch::Device>& device) const {
+  auto copy = torch::nn::Cloneable<LoRALinearImpl<Base>>::clone(device);
+  auto copied = copy->named_parameters();
+  for (const auto& parameter : this->named_parameters()) {
+    copied[parameter.key()].requires_grad_(parameter.value().requires_grad());
+  }
+  return copy;
+}
+
+template <typename Base>
+void LoRALinearImpl<Base>::create_adapter(const std::string& name, const LoRAOptions& options) {
+  const auto weight = base_weight();
+  const auto dtype = options.adapter_dtype().value_or(weight.scalar_type());
+  // Built as bias-free Linear layers, as PEFT does, so that a seeded generator draws the same
+  // numbers in the same order as PEFT's `update_layer`.
+  torch::nn::Linear A(torch::nn::LinearOptions(in_features(), options.r()).bias(false));
+  torch::nn::Linear B(torch::nn::LinearOptions(options.r(), out_features()).bias(false));
+  A->to(weight.device(), dtype);
+  B->to(weight.device(), dtype);
+  lora_A_->update({{name, A.ptr()}});
+  lora_B_->update({{name, B.ptr()}});
+  if (options.use_dora()) {
+    lora_magnitude_vector_->insert(name, at::empty({out_features()}, weight.options().dtype(dtype)));
+  }
+  initialize_adapter(name, options);
+}
+
+template <typename Base>
+void LoRALinearImpl<Base>::initialize_adapter(const std::string& name, const LoRAOptions& options) {
+  torch::NoGradGuard no_grad;
+  const auto A = lora_A(name);
+  const auto B = lora_B(name);
+  const auto spec = parse_init(options.init());
+  switch (spec.kind) {
+    case InitKind::kDefault:
+      torch::nn::init::kaiming_uniform_(A, std::sqrt(5.0));
+      B.zero_();
+      break;
+    case InitKind::kGaussian:
+      A.normal_(0.0, 1.0 / static_cast<double>(options.r()));
+      B.zero_();
+      break;
+    case InitKind::kRandom:
+      torch::nn::init::kaiming_uniform_(A, std::sqrt(5.0));
+      torch::nn::init::kaiming_uniform_(B, std::sqrt(5.0));
+      break;
+    case InitKind::kPiSSA:
+    case InitKind::kOLoRA: {
+      auto weight = weight_out_in();
+      const auto factors = spec.kind == InitKind::kPiSSA
+                               ? init::pissa(weight, options.r(), options.scaling(), spec.niter)
+                               : init::olora(weight, options.r(), options.scaling());
+      A.copy_(factors.lora_A);
+      B.copy_(factors.lora_B);
+      weight.copy_(factors.residual);
+      break;
+    }
+  }
+  if (options.use_dora()) {
+    const auto delta = functional::delta_weight(A, B, options.scaling());
+    lora_magnitude_vector(name).copy_(functional::dora_weight_norm(weight_out_in(), delta));
+  }
+}
+
+template <typename Base>
+void LoRALinearImpl<Base>::add_adapter(const std::string& name, const LoRAOptions& options) {
+  TORCH_CHECK(!name.empty() && name.find('.') == std::string::npos,
+              "LoRALinear: adapter name must be non-empty and contain no '.' (got '", name, "')");
+  TORCH_CHECK(!has_adapter(name), "LoRALinear: adapter '", name, "' already exists");
+  options.validate();
+  const auto dtype = base_weight().scalar_type();
+  TORCH_CHECK(c10::isFloatingType(dtype), "LoRALinear: the base weight must be floating point (got ",
+              c10::toString(dtype), ")");
+  const auto kind = parse_init(options.init()).kind;
+  if (kind == InitKind::kPiSSA || kind == InitKind::kOLoRA) {
+    const auto limit = std::min(in_features(), out_features());
+    TORCH_CHECK(options.r() <= limit, "LoRALinear: rank ", options.r(), " exceeds min(in_features, out_features) = ",
+                limit, ", which init '", options.init(), "' cannot decompose");
+  }
+  TORCH_CHECK(merged_.empty(), "LoRALinear: cannot add adapter '", name, "' while merged (merged: ",
+              detail::join(merged_), "); call unmerge() first");
+  try {
+    create_adapter(name, options);
+  } catch (...) {
+    drop_modules(name);  // leave the layer as it was
+    throw;
+  }
+  adapters_.emplace_back(name, options);
+  if (active_.empty()) active_.push_back(name);
+  update_requires_grad();
+}
+
+template <typename Base>
+void LoRALinearImpl<Base>::delete_adapter(const std::string& name) {
+  check_adapter(name, "delete");
+  TORCH_CHECK(std::find(merged_.begin(), merged_.end(), name) == merged_.end(), "LoRALinear: cannot delete adapter '",
+              name, "' while it is merged; call unmerge() first");
+  drop_modules(name);
+  adapters_.erase(std::find_if(adapters_.begin(), adapters_.end(), [&](const auto& item) { return item.first == name; }));
+  active_.erase(std::remove(active_.begin(), active_.end(), name), active_.end());
+  if (active_.empty() && !adapters_.empty()) active_.push_back(adapters_.front().first);
+  update_requires_grad();
+}
+
+template <typename Base>
+void LoRALinearImpl<Base>::drop_modules(const std::string& name) {
+  // ModuleDict::pop keeps the child registered, so rebuild the containers without it.
+  torch::nn::ModuleDict kept_A, kept_B;
+  torch::nn::ParameterDict kept_magnitude;
+  for (const auto& key : lora_A_->keys()) {
+    if (key != name) kept_A->update({{key, (*lora_A_)[key]}});
+  }
+  for (const auto& key : lora_B_->keys()) {
+    if (key != name) kept_B->update({{key, (*lora_B_)[key]}});
+  }
+  for (const auto& key : lora_magnitude_vector_->keys()) {
+    if (key != name) kept_magnitude->insert(key, lora_magnitude_vector_->get(key));
+  }
+  lora_A_ = this->replace_module("lora_A", kept_A);
+  lora_B_ = this->replace_module("lora_B", kept_B);
+  lora_magnitude_vector_ = this->replace_module("lora_magnitude_vector", kept_magnitude);
+}
+
+template <typename Base>
+std::vector<std::string> LoRALinearImpl<Base>::adapter_names() const {
+  std::vector<std::string> names;
+  names.reserve(adapters_.size());
+  for (const auto& item : adapters_) names.push_back(item.first);
+  return names;
+}
+
+template <typename Base>
+bool LoRALinearImpl<Base>::has_adapter(const std::string& name) const {
+  return std::any_of(adapters_.begin(), adapters_.end(), [&](const auto& item) { return item.first == name; });
+}
+
+template <typename Base>
+const LoRAOptions& LoRALinearImpl<Base>::adapter_options(const std::string& name) const {
+  check_adapter(name, "read");
+  return std::find_if(adapters_.begin(), adapters_.end(), [&](const auto& item) { return item.first == name; })
+      ->second;
+}
+
+template <typename Base>
+void LoRALinearImpl<Base>::check_adapter(const std::string& name, const char* operation) const {
+  TORCH_CHECK(has_adapter(name), "LoRALinear: cannot ", operation, " unknown adapter '", name,
+              "' (adapters: ", detail::join(adapter_names()), ")");
+}
+
+template <typename Base>
+void LoRALinearImpl<Base>::set_adapter(const std::string& name) {
+  set_adapters({name});
+}
+
+template <typename Base>
+void LoRALinearImpl<Base>::set_adapters(const std::vector<std::string>& names) {
+  for (const auto& name : names) {
+    check_adapter(name, "activate");
+    TORCH_CHECK(std::count(names.begin(), names.end(), name) == 1, "LoRALinear: adapter '", name,
+                "' is listed more than once in set_adapters");
+  }
+  active_ = names;
+  update_requires_grad();
+}
+
+template <typename Base>
+void LoRALinearImpl<Base>::update_requires_grad() {
+  for (const auto& [name, options] : adapters_) {
+    const bool active = std::find(active_.begin(), active_.end(), name) != active_.end();
+    lora_A(name).requires_grad_(active);
+    lora_B(name).requires_grad_(active);
+    if (options.use_dora()) lora_magnitude_vector(name).requires_grad_(active);
+  }
+}
+
+template <typename Base>
+void LoRALinearImpl<Base>::enable_adapters(bool enabled) {
+  if (!enabled && merged()) unmerge();
+  enabled_ = enabled;
+}
+
+template <typename Base>
+const at::Tensor& LoRALinearImpl<Base>::lora_A(const std::string& name) const {
+  if (!lora_A_->contains(name)) check_adapter(name, "read");
+  return lora_A_->template at<torch::nn::LinearImpl>(name).weight;
+}
+
+template <typename Base>
+const at::Tensor& LoRALinearImpl<Base>::lora_B(const std::string& name) const {
+  if (!lora_B_->contains(name)) check_adapter(name, "read");
+  return lora_B_->template at<torch::nn::LinearImpl>(name).weight;
+}
+
+template <typename Base>
+const at::Tensor& LoRALinearImpl<Base>::lora_magnitude_vector(const std::string& name) const {
+  TORCH_CHECK(lora_magnitude_vector_->contains(name), "LoRALinear: adapter '", name,
+              "' has no lora_magnitude_vector (it is not a DoRA adapter)");
+  return lora_magnitude_vector_->get(name);
+}
+
+template <typename Base>
+at::Tensor LoRALinearImpl<Base>::weight_out_in() const {
+  const auto& weight = Traits::weight(*base_layer_);
+  return Traits::fan_in_fan_out ? weight.t() : weight;
+}
+
+template <typename Base>
+at::Tensor LoRALinearImpl<Base>::delta_weight(const std::string& name) const {
+  const auto delta = functional::delta_weight(lora_A(name), lora_B(name), adapter_options(name).scaling());
+  return Traits::fan_in_fan_out ? delta.t() : delta;
+}
+
+template <typename Base>
+at::Tensor LoRALinearImpl<Base>::forward(const at::Tensor& input) {
+  const int64_t in = in_features();
+  TORCH_CHECK(input.dim() >= 1 && input.size(-1) == in, "LoRALinear: expected an input with ", in,
+              " features in its last dimension (got input of shape ", input.sizes(), ")");
+  const auto is_pending = [this](const std::string& name) {
+    return std::find(merged_.begin(), merged_.end(), name) == merged_.end();
+  };
+  if (!enabled_ || std::none_of(active_.begin(), active_.end(), is_pending)) {
+    return Traits::forward(*base_layer_, input);
+  }
+
+  auto output_shape = input.sizes().vec();
+  output_shape.back() = out_features();
+  const auto x = input.reshape({-1, in});
+  const auto base_output = Traits::forward(*base_layer_, x);
+  const bool dropout_active = this->is_training();
+  auto result = base_output;
+
+  // DoRA adapters first: they read the pristine base output, which the plain adapters below
+  // then update in place.
+  for (const bool dora_pass : {true, false}) {
+    for (const auto& name : active_) {
+      const auto& options = adapter_options(name);
+      if (options.use_dora() != dora_pass || !is_pending(name)) continue;
+      const auto& A = lora_A(name);
+      const auto& B = lora_B(name);
+      const double s = options.scaling();
+      const bool dropped = dropout_active && options.dropout() > 0.0;
+      auto xa = x.scalar_type() == A.scalar_type() ? x : x.to(A.scalar_type());
+      if (dropped) xa = at::dropout(xa, options.dropout(), /*train=*/true);
+      const auto h = at::mm(xa, A.t());
+
+      if (dora_pass) {
+        const auto weight = weight_out_in();
+        const auto norm = functional::dora_weight_norm(weight, functional::delta_weight(A.detach(), B.detach(), s));
+        const auto& magnitude = lora_magnitude_vector(name);
+        const auto scale = magnitude / norm.to(magnitude.scalar_type());  // m / ‖W + s·B·A‖, norm constant
+        // W·x without bias: derived from the base output when no dropout altered x (PEFT does the same).
+        at::Tensor base_term;
+        if (dropped) {
+          base_term = at::mm(xa, weight.to(xa.scalar_type()).t());
+        } else {
+          const auto bias = base_bias();
+          base_term = (bias.defined() ? base_output - bias : base_output).to(xa.scalar_type());
+        }
+        const auto term = (scale - 1) * base_term + scale * at::mm(h, B.t()) * s;
+        result = result.scalar_type() == term.scalar_type() ? result + term
+                                                            : (result + term).to(result.scalar_type());
+      } else if (result.scalar_type() == h.scalar_type()) {
+        result.addmm_(h, B.t(), /*beta=*/1, /*alpha=*/s);
+      } else {
+        const auto dtype = at::promote_types(result.scalar_type(), h.scalar_type());
+        result = result.to(dtype).addmm_(h.to(dtype), B.t().to(dtype), 1, s).to(base_output.scalar_type());
+      }
+    }
+  }
+  return result.view(output_shape);
+}
+
+template <typename Base>
+void LoRALinearImpl<Base>::merge(bool safe_merge) {
+  merge(active_, safe_merge);
+}
+
+template <typename Base>
+void LoRALinearImpl<Base>::merge(const std::vector<std::string>& names, bool safe_merge) {
+  for (const auto& name : names) check_adapter(name, "merge");
+  torch::NoGradGuard no_grad;
+  auto weight = weight_out_in();
+  for (const auto& name : names) {
+    if (std::find(merged_.begin(), merged_.end(), name) != merged_.end()) continue;  // already in W
+    const auto& options = adapter_options(name);
+    const auto delta = delta_weight(name);
+    at::Tensor merged_weight;
+    at::Tensor norm;
+    if (options.use_dora()) {
+      norm = functional::dora_weight_norm(weight, delta);
+      const auto& magnitude = lora_magnitude_vector(name);
+      merged_weight = (magnitude / norm).view({-1, 1}) * (weight + delta.to(weight.scalar_type()));
+    } else if (safe_merge) {
+      merged_weight = weight + delta.to(weight.scalar_type());
+    }
+    if (safe_merge) {
+      TORCH_CHECK(at::isfinite(merged_weight).all().item<bool>(), "LoRALinear: merging adapter '", name,
+                  "' would write non-finite values (NaN or Inf) into the base weight; the layer is left unchanged");
+    }
+    if (merged_weight.defined()) {
+      weight.copy_(merged_weight);
+    } else {
+      weight.add_(delta.to(weight.scalar_type()));
+    }
+    if (norm.defined()) dora_merge_norms_[name] = norm;
+    merged_.push_back(name);
+  }
+}
+
+template <typename Base>
+void LoRALinearImpl<Base>::unmerge() {
+  torch::NoGradGuard no_grad;
+  auto weight = weight_out_in();
+  while (!merged_.empty()) {
+    const auto name = merged_.back();
+    const auto delta = delta_weight(name).to(weight.scalar_type());
+    if (adapter_options(name).use_dora()) {
+      const auto& magnitude = lora_magnitude_vector(name);
+      const auto factor = (magnitude / dora_merge_norms_.at(name)).view({-1, 1});
+      weight.copy_(weight / factor - delta);
+      dora_merge_norms_.erase(name);
+    } else {
+      weight.sub_(delta);
+    }
+    merged_.pop_back();
+  }
+}
+
+template <typename Base>
+void LoRALinearImpl<Base>::pretty_print(std::ostream& stream) const {
+  stream << "lora::LoRALinear<" << Traits::name << ">(in_features=" << in_features()
+         << ", out_features=" << out_features() << ", bias=" << (Traits::has_bias(base_options_) ? "true" : "false")
+         << ", adapters=[";
+  for (size_t i = 0; i < adapters_.size(); ++i) {
+    const auto& [name, options] = adapters_[i];
+    stream << (i ? ", " : "") << name << "(r=" << options.r() << ", alpha=" << options.alpha();
+    if (options.dropout() > 0) stream << ", dropout=" << options.dropout();
+    if (options.use_rslora()) stream << ", rslora";
+    if (options.use_dora()) stream << ", dora";
+    if (options.init() != "default") stream << ", init=" << options.init();
+    stream << ")";
+  }
+  stream << "], active=[" << detail::join(active_) << "]";
+  if (!merged_.empty()) stream << ", merged=[" << detail::join(merged_) << "]";
+  if (!enabled_) stream << ", disabled";
+  stream << ")";
+}
+
+}  // namespace lora

@@ -1,0 +1,112 @@
+#pragma once
+
+/// \file
+/// Which parameters train: freeze everything but the adapters (PEFT's bias modes), and count
+/// trainable versus total parameters.
+
+#include <cstdint>
+#include <iostream>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+#include <c10/util/Exception.h>
+#include <torch/nn/module.h>
+
+#include <lora/layer.hpp>
+
+namespace lora {
+
+/// Which biases train besides the adapters (PEFT's `bias`).
+enum class BiasMode {
+  kNone,      ///< "none": no bias trains.
+  kAll,       ///< "all": every bias in the model trains.
+  kLoraOnly,  ///< "lora_only": only the biases of layers that carry an adapter train.
+};
+
+/// Parses "none", "all" or "lora_only".
+inline BiasMode parse_bias(const std::string& bias) {
+  if (bias == "none") return BiasMode::kNone;
+  if (bias == "all") return BiasMode::kAll;
+  if (bias == "lora_only") return BiasMode::kLoraOnly;
+  TORCH_CHECK(false, "lora: unknown bias mode '", bias, "' (expected one of: none, all, lora_only)");
+}
+
+inline std::string to_string(BiasMode bias) {
+  switch (bias) {
+    case BiasMode::kNone: return "none";
+    case BiasMode::kAll: return "all";
+    case BiasMode::kLoraOnly: return "lora_only";
+  }
+  TORCH_INTERNAL_ASSERT(false, "unhandled BiasMode");
+}
+
+/// Freezes every parameter of `model` except the active adapters' (and the biases `bias` names).
+///
+///     lora::mark_only_lora_as_trainable(*model, lora::BiasMode::kLoraOnly);
+inline void mark_only_lora_as_trainable(torch::nn::Module& model, BiasMode bias = BiasMode::kNone) {
+  for (auto& parameter : model.parameters()) parameter.requires_grad_(false);
+  for (const auto& [name, layer] : lora_layers(model)) {
+    layer->set_adapters(layer->active_adapters());  // active adapters trainable, others frozen
+    if (bias == BiasMode::kLoraOnly && !layer->adapter_names().empty()) {
+      const auto layer_bias = layer->base_bias();
+      if (layer_bias.defined()) layer_bias.requires_grad_(true);
+    }
+  }
+  if (bias == BiasMode::kAll) {
+    for (auto& item : model.named_parameters()) {
+      const auto& key = item.key();
+      if (key == "bias" || (key.size() > 5 && key.compare(key.size() - 5, 5, ".bias") == 0)) {
+        item.value().requires_grad_(true);
+      }
+    }
+  }
+}
+
+/// Trainable and total parameter counts, PEFT's `print_trainable_parameters`.
+struct ParameterCount {
+  int64_t trainable = 0;
+  int64_t total = 0;
+
+  /// Share of trainable parameters, in percent (0 for an empty model).
+  double trainable_percent() const { return total == 0 ? 0.0 : 100.0 * static_cast<double>(trainable) / total; }
+
+  /// "trainable params: 8,450 || all params: 4,394,628 || trainable%: 0.1923"
+  std::string to_string() const {
+    std::ostringstream out;
+    out.setf(std::ios::fixed);
+    out.precision(4);
+    out << "trainable params: " << grouped(trainable) << " || all params: " << grouped(total)
+        << " || trainable%: " << trainable_percent();
+    return out.str();
+  }
+
+ private:
+  static std::string grouped(int64_t value) {
+    std::string digits = std::to_string(value < 0 ? -value : value);
+    for (int64_t i = static_cast<int64_t>(digits.size()) - 3; i > 0; i -= 3) digits.insert(i, ",");
+    return value < 0 ? "-" + digits : digits;
+  }
+};
+
+/// Counts each parameter tensor once, even when it is registered in several places.
+inline ParameterCount count_parameters(const torch::nn::Module& model) {
+  ParameterCount count;
+  std::unordered_set<const void*> seen;
+  for (const auto& parameter : model.parameters()) {
+    if (!seen.insert(parameter.unsafeGetTensorImpl()).second) continue;
+    count.total += parameter.numel();
+    if (parameter.requires_grad()) count.trainable += parameter.numel();
+  }
+  return count;
+}
+
+/// Prints `count_parameters(model).to_string()` and a newline.
+inline void print_trainable_parameters(const torch::nn::Module& model, std::ostream& out = std::cout) {
+  out << count_parameters(model).to_string() << '\n';
+}
+
+}  // namespace lora
