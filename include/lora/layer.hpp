@@ -49,10 +49,11 @@ class LoRALayer {
   virtual void enable_adapters(bool enabled) = 0;
   virtual bool adapters_enabled() const = 0;
 
-  /// Writes the active adapters (or the named ones) into the base weight. With `safe_merge`,
-  /// the merged weight is checked for NaN/Inf before anything is written.
-  virtual void merge(bool safe_merge = false) = 0;
-  virtual void merge(const std::vector<std::string>& names, bool safe_merge = false) = 0;
+  /// Writes the named adapters (by default the active ones) into the base weight; adapters
+  /// already merged are skipped. With `safe_merge`, the merged weight is checked for NaN/Inf
+  /// before anything is written. Names come first so that `merge({"a"})` cannot be read as a
+  /// bool: `merge()`, `merge({"a", "b"})`, `merge({}, /*safe_merge=*/true)`.
+  virtual void merge(const std::vector<std::string>& adapter_names = {}, bool safe_merge = false) = 0;
   /// Undoes every merge, most recent first.
   virtual void unmerge() = 0;
   /// True when at least one adapter is merged into the base weight.

@@ -13,10 +13,10 @@
 
 #include <torch/nn/cloneable.h>
 #include <torch/nn/modules/container/moduledict.h>
-#include <torch/nn/modules/container/parameterdict.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 
+#include <lora/detail/magnitude.hpp>
 #include <lora/layer.hpp>
 #include <lora/options.hpp>
 
@@ -50,7 +50,7 @@ struct LinearTraits<torch::nn::LinearImpl> {
 /// The template parameter is the wrapped layer's module type (its `Impl`), read through
 /// `LinearTraits<Base>`; `LoRALinear<>` wraps `torch::nn::Linear`. Parameter names follow
 /// PEFT: `base_layer.weight`, `lora_A.<adapter>.weight` [r, in], `lora_B.<adapter>.weight`
-/// [out, r], and with DoRA `lora_magnitude_vector.<adapter>` [out].
+/// [out, r], and with DoRA `lora_magnitude_vector.<adapter>.weight` [out].
 ///
 /// With no adapter (or adapters disabled) the layer computes exactly what the base layer does.
 ///
@@ -99,8 +99,7 @@ class LoRALinearImpl : public torch::nn::Cloneable<LoRALinearImpl<Base>>, public
   const std::vector<std::string>& active_adapters() const override { return active_; }
   void enable_adapters(bool enabled) override;
   bool adapters_enabled() const override { return enabled_; }
-  void merge(bool safe_merge = false) override;
-  void merge(const std::vector<std::string>& names, bool safe_merge = false) override;
+  void merge(const std::vector<std::string>& adapter_names = {}, bool safe_merge = false) override;
   void unmerge() override;
   bool merged() const override { return !merged_.empty(); }
   const std::vector<std::string>& merged_adapters() const override { return merged_; }
@@ -111,9 +110,9 @@ class LoRALinearImpl : public torch::nn::Cloneable<LoRALinearImpl<Base>>, public
   int64_t in_features() const { return Traits::in_features(base_options_); }
   int64_t out_features() const { return Traits::out_features(base_options_); }
   /// The wrapped layer.
-  const BaseHolder& base_layer() const { return base_layer_; }
+  BaseHolder base_layer() const { return base_layer_; }
   /// `lora_A.<name>.weight` [r, in], `lora_B.<name>.weight` [out, r] and, for DoRA,
-  /// `lora_magnitude_vector.<name>` [out].
+  /// `lora_magnitude_vector.<name>.weight` [out].
   const at::Tensor& lora_A(const std::string& name) const;
   const at::Tensor& lora_B(const std::string& name) const;
   const at::Tensor& lora_magnitude_vector(const std::string& name) const;
@@ -129,12 +128,14 @@ class LoRALinearImpl : public torch::nn::Cloneable<LoRALinearImpl<Base>>, public
   void check_adapter(const std::string& name, const char* operation) const;
   /// The base weight viewed as [out, in] (a transposed view when fan_in_fan_out).
   at::Tensor weight_out_in() const;
+  /// s·B·A as [out, in], whatever the base weight's layout.
+  at::Tensor delta_out_in(const std::string& name) const;
 
   BaseOptions base_options_;
   BaseHolder base_layer_{nullptr};
   torch::nn::ModuleDict lora_A_{nullptr};
   torch::nn::ModuleDict lora_B_{nullptr};
-  torch::nn::ParameterDict lora_magnitude_vector_{nullptr};
+  torch::nn::ModuleDict lora_magnitude_vector_{nullptr};
 
   /// Adapter names and options in insertion order: what `reset()` rebuilds from.
   std::vector<std::pair<std::string, LoRAOptions>> adapters_;

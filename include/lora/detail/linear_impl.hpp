@@ -50,7 +50,7 @@ void LoRALinearImpl<Base>::build(BaseHolder base) {
   for (auto& parameter : base_layer_->parameters()) parameter.requires_grad_(false);
   lora_A_ = this->register_module("lora_A", torch::nn::ModuleDict());
   lora_B_ = this->register_module("lora_B", torch::nn::ModuleDict());
-  lora_magnitude_vector_ = this->register_module("lora_magnitude_vector", torch::nn::ParameterDict());
+  lora_magnitude_vector_ = this->register_module("lora_magnitude_vector", torch::nn::ModuleDict());
 }
 
 template <typename Base>
@@ -90,7 +90,9 @@ void LoRALinearImpl<Base>::create_adapter(const std::string& name, const LoRAOpt
   lora_A_->update({{name, A.ptr()}});
   lora_B_->update({{name, B.ptr()}});
   if (options.use_dora()) {
-    lora_magnitude_vector_->insert(name, at::empty({out_features()}, weight.options().dtype(dtype)));
+    detail::Magnitude magnitude(out_features());
+    magnitude->to(weight.device(), dtype);
+    lora_magnitude_vector_->update({{name, magnitude.ptr()}});
   }
   initialize_adapter(name, options);
 }
@@ -174,21 +176,17 @@ void LoRALinearImpl<Base>::delete_adapter(const std::string& name) {
 
 template <typename Base>
 void LoRALinearImpl<Base>::drop_modules(const std::string& name) {
-  // ModuleDict::pop keeps the child registered, so rebuild the containers without it.
-  torch::nn::ModuleDict kept_A, kept_B;
-  torch::nn::ParameterDict kept_magnitude;
-  for (const auto& key : lora_A_->keys()) {
-    if (key != name) kept_A->update({{key, (*lora_A_)[key]}});
-  }
-  for (const auto& key : lora_B_->keys()) {
-    if (key != name) kept_B->update({{key, (*lora_B_)[key]}});
-  }
-  for (const auto& key : lora_magnitude_vector_->keys()) {
-    if (key != name) kept_magnitude->insert(key, lora_magnitude_vector_->get(key));
-  }
-  lora_A_ = this->replace_module("lora_A", kept_A);
-  lora_B_ = this->replace_module("lora_B", kept_B);
-  lora_magnitude_vector_ = this->replace_module("lora_magnitude_vector", kept_magnitude);
+  // ModuleDict::pop keeps the child registered, so rebuild each container without it.
+  const auto without = [&](const torch::nn::ModuleDict& dict) {
+    torch::nn::ModuleDict kept;
+    for (const auto& item : *dict) {
+      if (item.key() != name) kept->update({{item.key(), item.value()}});
+    }
+    return kept;
+  };
+  lora_A_ = this->replace_module("lora_A", without(lora_A_));
+  lora_B_ = this->replace_module("lora_B", without(lora_B_));
+  lora_magnitude_vector_ = this->replace_module("lora_magnitude_vector", without(lora_magnitude_vector_));
 }
 
 template <typename Base>
@@ -265,7 +263,7 @@ template <typename Base>
 const at::Tensor& LoRALinearImpl<Base>::lora_magnitude_vector(const std::string& name) const {
   TORCH_CHECK(lora_magnitude_vector_->contains(name), "LoRALinear: adapter '", name,
               "' has no lora_magnitude_vector (it is not a DoRA adapter)");
-  return lora_magnitude_vector_->get(name);
+  return lora_magnitude_vector_->template at<detail::MagnitudeImpl>(name).weight;
 }
 
 template <typename Base>
@@ -275,8 +273,13 @@ at::Tensor LoRALinearImpl<Base>::weight_out_in() const {
 }
 
 template <typename Base>
+at::Tensor LoRALinearImpl<Base>::delta_out_in(const std::string& name) const {
+  return functional::delta_weight(lora_A(name), lora_B(name), adapter_options(name).scaling());
+}
+
+template <typename Base>
 at::Tensor LoRALinearImpl<Base>::delta_weight(const std::string& name) const {
-  const auto delta = functional::delta_weight(lora_A(name), lora_B(name), adapter_options(name).scaling());
+  const auto delta = delta_out_in(name);
   return Traits::fan_in_fan_out ? delta.t() : delta;
 }
 
@@ -341,19 +344,15 @@ at::Tensor LoRALinearImpl<Base>::forward(const at::Tensor& input) {
 }
 
 template <typename Base>
-void LoRALinearImpl<Base>::merge(bool safe_merge) {
-  merge(active_, safe_merge);
-}
-
-template <typename Base>
-void LoRALinearImpl<Base>::merge(const std::vector<std::string>& names, bool safe_merge) {
+void LoRALinearImpl<Base>::merge(const std::vector<std::string>& adapter_names, bool safe_merge) {
+  const auto& names = adapter_names.empty() ? active_ : adapter_names;
   for (const auto& name : names) check_adapter(name, "merge");
   torch::NoGradGuard no_grad;
   auto weight = weight_out_in();
   for (const auto& name : names) {
     if (std::find(merged_.begin(), merged_.end(), name) != merged_.end()) continue;  // already in W
     const auto& options = adapter_options(name);
-    const auto delta = delta_weight(name);
+    const auto delta = delta_out_in(name);
     at::Tensor merged_weight;
     at::Tensor norm;
     if (options.use_dora()) {
@@ -383,7 +382,7 @@ void LoRALinearImpl<Base>::unmerge() {
   auto weight = weight_out_in();
   while (!merged_.empty()) {
     const auto name = merged_.back();
-    const auto delta = delta_weight(name).to(weight.scalar_type());
+    const auto delta = delta_out_in(name).to(weight.scalar_type());
     if (adapter_options(name).use_dora()) {
       const auto& magnitude = lora_magnitude_vector(name);
       const auto factor = (magnitude / dora_merge_norms_.at(name)).view({-1, 1});
