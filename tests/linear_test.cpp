@@ -113,6 +113,20 @@ TEST_F(LoRALinearTest, GradientsMatchFiniteDifferences) {
   }
 }
 
+TEST_F(LoRALinearTest, InputGradientFlowsThroughBaseAndAdapter) {
+  // Inside a network the input itself requires grad (earlier adapters train).
+  torch::nn::Linear base(16, 8);
+  lora::LoRALinear<> layer(base, LoRAOptions(4).alpha(6));
+  randomize_B(layer);
+  const auto x = torch::randn({2, 3, 16}, torch::requires_grad());
+  const auto weights = torch::randn({2, 3, 8});
+  (layer(x) * weights).sum().backward();
+  const auto& A = layer->lora_A("default");
+  const auto& B = layer->lora_B("default");
+  const auto expected = weights.matmul(base->weight) + 1.5 * weights.matmul(B).matmul(A);  // ∂/∂x of Σ w ⊙ y
+  EXPECT_LT(max_abs_diff(x.grad(), expected), 1e-5);
+}
+
 TEST_F(LoRALinearTest, MergedForwardEqualsUnmergedForward) {
   torch::nn::Linear base(32, 24);
   const auto W0 = base->weight.detach().clone();

@@ -88,8 +88,8 @@ int main(int argc, char** argv) {
   const double merge_error = (pretrained(probe) - adapted).abs().max().item<double>();
 
   std::cout << std::setprecision(4) << "\nheld-out loss: " << initial << " before, " << final_loss << " after ("
-            << initial / std::max(final_loss, 1e-30) << "x lower) in " << std::fixed << std::setprecision(2)
-            << seconds << " s\n"
+            << std::fixed << std::setprecision(0) << initial / std::max(final_loss, 1e-30) << "x lower) in "
+            << std::setprecision(2) << seconds << " s\n"
             << "merged layer reproduces the adapted output to " << std::scientific << merge_error << "\n";
   const bool ok = final_loss < 0.01 * initial && merge_error < 1e-4;
   std::cout << (ok ? "ok: the adapter learned the change and merged cleanly\n" : "FAILED\n");
