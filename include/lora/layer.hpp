@@ -28,6 +28,12 @@ class LoRALayer {
   /// Adds a new adapter. The first adapter of a layer becomes active; later ones start inactive
   /// (and frozen) until `set_adapter` selects them, as in PEFT.
   virtual void add_adapter(const std::string& name, const LoRAOptions& options) = 0;
+  /// Adds a trainable full copy of the base layer under `name` (PEFT's `modules_to_save`): while
+  /// that adapter is active the copy computes the output and trains; the base layer keeps the
+  /// original weights. A layer holds either low-rank adapters or trainable copies.
+  virtual void add_trainable_copy(const std::string& name) = 0;
+  /// True when adapter `name` is a trainable copy rather than a low-rank adapter.
+  virtual bool is_trainable_copy(const std::string& name) const = 0;
   /// Removes an adapter and its parameters. It must not be merged. If it was the only active
   /// adapter, the first remaining one becomes active.
   virtual void delete_adapter(const std::string& name) = 0;
@@ -59,6 +65,23 @@ class LoRALayer {
   /// True when at least one adapter is merged into the base weight.
   virtual bool merged() const = 0;
   virtual const std::vector<std::string>& merged_adapters() const = 0;
+
+  /// Merges the active adapters, then forgets every adapter: the layer keeps the merged weights
+  /// and computes exactly what its base layer does (PEFT's `merge_and_unload`).
+  virtual void merge_and_unload(bool safe_merge = false) = 0;
+  /// Unmerges, then forgets every adapter: the layer is its original base layer again.
+  virtual void unload() = 0;
+
+  /// One adapter's tensors under PEFT's file names, relative to the layer: `lora_A.weight`,
+  /// `lora_B.weight`, `lora_magnitude_vector` (DoRA), or for a trainable copy its own
+  /// parameter names (`weight`, `bias`).
+  virtual std::vector<std::pair<std::string, at::Tensor>> adapter_state(const std::string& name) const = 0;
+
+  /// The weight that makes the base layer compute what the adapted layer computes without
+  /// dropout: W + Σ s·B·A over the active, unmerged adapters (DoRA: rescaled rows), shaped like
+  /// the base weight. Differentiable in the adapter parameters; used to re-parametrise weights
+  /// the library cannot wrap (TorchScript modules).
+  virtual at::Tensor adapted_weight() const = 0;
 
   /// s·B·A of one adapter, shaped like the base weight ([out, in] for a Linear).
   virtual at::Tensor delta_weight(const std::string& name) const = 0;

@@ -90,6 +90,8 @@ class LoRALinearImpl : public torch::nn::Cloneable<LoRALinearImpl<Base>>, public
 
   // LoRALayer
   void add_adapter(const std::string& name, const LoRAOptions& options) override;
+  void add_trainable_copy(const std::string& name) override;
+  bool is_trainable_copy(const std::string& name) const override;
   void delete_adapter(const std::string& name) override;
   std::vector<std::string> adapter_names() const override;
   bool has_adapter(const std::string& name) const override;
@@ -103,6 +105,10 @@ class LoRALinearImpl : public torch::nn::Cloneable<LoRALinearImpl<Base>>, public
   void unmerge() override;
   bool merged() const override { return !merged_.empty(); }
   const std::vector<std::string>& merged_adapters() const override { return merged_; }
+  void merge_and_unload(bool safe_merge = false) override;
+  void unload() override;
+  std::vector<std::pair<std::string, at::Tensor>> adapter_state(const std::string& name) const override;
+  at::Tensor adapted_weight() const override;
   at::Tensor delta_weight(const std::string& name) const override;
   at::Tensor base_weight() const override { return Traits::weight(*base_layer_); }
   at::Tensor base_bias() const override { return Traits::bias(*base_layer_); }
@@ -116,8 +122,17 @@ class LoRALinearImpl : public torch::nn::Cloneable<LoRALinearImpl<Base>>, public
   const at::Tensor& lora_A(const std::string& name) const;
   const at::Tensor& lora_B(const std::string& name) const;
   const at::Tensor& lora_magnitude_vector(const std::string& name) const;
+  /// The trainable copy of the base layer registered as `modules_to_save.<name>`.
+  BaseHolder trainable_copy(const std::string& name) const;
 
  private:
+  /// One adapter: low-rank (`options` apply) or a trainable copy of the base layer.
+  struct Adapter {
+    std::string name;
+    LoRAOptions options;
+    bool trainable_copy = false;
+  };
+
   static const BaseOptions& checked_options(const BaseHolder& base);
   void build(BaseHolder base);
   /// Removes an adapter's modules from the containers (not from `adapters_`).
@@ -126,6 +141,10 @@ class LoRALinearImpl : public torch::nn::Cloneable<LoRALinearImpl<Base>>, public
   void initialize_adapter(const std::string& name, const LoRAOptions& options);
   void update_requires_grad();
   void check_adapter(const std::string& name, const char* operation) const;
+  void check_new_adapter(const std::string& name) const;
+  const Adapter& adapter(const std::string& name) const;
+  void forget_adapters();
+  void merge_trainable_copy(const std::string& name, bool safe_merge);
   /// The base weight viewed as [out, in] (a transposed view when fan_in_fan_out).
   at::Tensor weight_out_in() const;
   /// s·B·A as [out, in], whatever the base weight's layout.
@@ -136,13 +155,16 @@ class LoRALinearImpl : public torch::nn::Cloneable<LoRALinearImpl<Base>>, public
   torch::nn::ModuleDict lora_A_{nullptr};
   torch::nn::ModuleDict lora_B_{nullptr};
   torch::nn::ModuleDict lora_magnitude_vector_{nullptr};
+  torch::nn::ModuleDict modules_to_save_{nullptr};
 
-  /// Adapter names and options in insertion order: what `reset()` rebuilds from.
-  std::vector<std::pair<std::string, LoRAOptions>> adapters_;
+  /// Adapters in insertion order: what `reset()` rebuilds from.
+  std::vector<Adapter> adapters_;
   std::vector<std::string> active_;
   std::vector<std::string> merged_;
   /// ‖W + ΔW‖ at merge time, needed to undo a DoRA merge exactly.
   std::map<std::string, at::Tensor> dora_merge_norms_;
+  /// Base parameters replaced by a merged trainable copy, to restore on unmerge.
+  std::map<std::string, std::vector<at::Tensor>> copy_merge_originals_;
   bool enabled_ = true;
 };
 

@@ -1,7 +1,8 @@
 #pragma once
 
 /// \file
-/// Umbrella header: everything lora offers for native LibTorch modules.
+/// Umbrella header: everything lora offers for native LibTorch modules. TorchScript support
+/// is opt-in: include <lora/jit.hpp>.
 ///
 ///     #include <lora/lora.hpp>
 ///
@@ -9,10 +10,13 @@
 ///     lora::LoRALinear<> layer(pretrained, lora::LoRAOptions(8).alpha(16));
 ///     lora::print_trainable_parameters(*layer);
 
+#include <lora/config.hpp>
 #include <lora/functional.hpp>
 #include <lora/init.hpp>
+#include <lora/inject.hpp>
 #include <lora/layer.hpp>
 #include <lora/linear.hpp>
 #include <lora/options.hpp>
+#include <lora/target.hpp>
 #include <lora/trainable.hpp>
 #include <lora/version.hpp>

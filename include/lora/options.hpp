@@ -52,6 +52,7 @@ inline InitSpec parse_init(const std::string& init) {
   TORCH_CHECK(init != "loftq", "LoRAOptions: init 'loftq' is not supported (it needs a quantized base model)");
   TORCH_CHECK(false, "LoRAOptions: unknown init '", init,
               "' (expected one of: default, true, false, gaussian, pissa, pissa_niter_<k>, olora)");
+  return {};  // unreachable
 }
 
 /// The spelling `parse_init` accepts for an `InitSpec` (round-trips).
@@ -65,6 +66,7 @@ inline std::string to_string(const InitSpec& spec) {
       return spec.niter < 0 ? "pissa" : "pissa_niter_" + std::to_string(spec.niter);
   }
   TORCH_INTERNAL_ASSERT(false, "unhandled InitKind");
+  return {};  // unreachable
 }
 
 /// Options of one LoRA adapter: rank, scaling, dropout and variant.

@@ -33,6 +33,7 @@ inline BiasMode parse_bias(const std::string& bias) {
   if (bias == "all") return BiasMode::kAll;
   if (bias == "lora_only") return BiasMode::kLoraOnly;
   TORCH_CHECK(false, "lora: unknown bias mode '", bias, "' (expected one of: none, all, lora_only)");
+  return BiasMode::kNone;  // unreachable
 }
 
 inline std::string to_string(BiasMode bias) {
@@ -42,6 +43,7 @@ inline std::string to_string(BiasMode bias) {
     case BiasMode::kLoraOnly: return "lora_only";
   }
   TORCH_INTERNAL_ASSERT(false, "unhandled BiasMode");
+  return {};  // unreachable
 }
 
 /// Freezes every parameter of `model` except the active adapters' (and the biases `bias` names).

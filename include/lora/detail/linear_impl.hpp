@@ -51,12 +51,19 @@ void LoRALinearImpl<Base>::build(BaseHolder base) {
   lora_A_ = this->register_module("lora_A", torch::nn::ModuleDict());
   lora_B_ = this->register_module("lora_B", torch::nn::ModuleDict());
   lora_magnitude_vector_ = this->register_module("lora_magnitude_vector", torch::nn::ModuleDict());
+  modules_to_save_ = this->register_module("modules_to_save", torch::nn::ModuleDict());
 }
 
 template <typename Base>
 void LoRALinearImpl<Base>::reset() {
   build(BaseHolder(std::make_shared<Base>(base_options_)));
-  for (const auto& [name, options] : adapters_) create_adapter(name, options);
+  for (const auto& entry : adapters_) {
+    if (entry.trainable_copy) {
+      modules_to_save_->update({{entry.name, std::make_shared<Base>(base_options_)}});
+    } else {
+      create_adapter(entry.name, entry.options);
+    }
+  }
   update_requires_grad();
 }
 
@@ -64,7 +71,9 @@ template <typename Base>
 void LoRALinearImpl<Base>::reset_parameters() {
   TORCH_CHECK(merged_.empty(), "LoRALinear: cannot re-initialise adapters while merged (merged: ",
               detail::join(merged_), "); call unmerge() first");
-  for (const auto& [name, options] : adapters_) initialize_adapter(name, options);
+  for (const auto& entry : adapters_) {
+    if (!entry.trainable_copy) initialize_adapter(entry.name, entry.options);
+  }
 }
 
 template <typename Base>
@@ -135,31 +144,69 @@ void LoRALinearImpl<Base>::initialize_adapter(const std::string& name, const LoR
 }
 
 template <typename Base>
-void LoRALinearImpl<Base>::add_adapter(const std::string& name, const LoRAOptions& options) {
+void LoRALinearImpl<Base>::check_new_adapter(const std::string& name) const {
   TORCH_CHECK(!name.empty() && name.find('.') == std::string::npos,
               "LoRALinear: adapter name must be non-empty and contain no '.' (got '", name, "')");
   TORCH_CHECK(!has_adapter(name), "LoRALinear: adapter '", name, "' already exists");
-  options.validate();
+  TORCH_CHECK(merged_.empty(), "LoRALinear: cannot add adapter '", name, "' while merged (merged: ",
+              detail::join(merged_), "); call unmerge() first");
   const auto dtype = base_weight().scalar_type();
   TORCH_CHECK(c10::isFloatingType(dtype), "LoRALinear: the base weight must be floating point (got ",
               c10::toString(dtype), ")");
+}
+
+template <typename Base>
+void LoRALinearImpl<Base>::add_adapter(const std::string& name, const LoRAOptions& options) {
+  check_new_adapter(name);
+  TORCH_CHECK(modules_to_save_->size() == 0, "LoRALinear: cannot add low-rank adapter '", name,
+              "' to a layer that holds trainable copies (modules_to_save); a layer is adapted or saved, not both");
+  options.validate();
   const auto kind = parse_init(options.init()).kind;
   if (kind == InitKind::kPiSSA || kind == InitKind::kOLoRA) {
     const auto limit = std::min(in_features(), out_features());
     TORCH_CHECK(options.r() <= limit, "LoRALinear: rank ", options.r(), " exceeds min(in_features, out_features) = ",
                 limit, ", which init '", options.init(), "' cannot decompose");
   }
-  TORCH_CHECK(merged_.empty(), "LoRALinear: cannot add adapter '", name, "' while merged (merged: ",
-              detail::join(merged_), "); call unmerge() first");
   try {
     create_adapter(name, options);
   } catch (...) {
     drop_modules(name);  // leave the layer as it was
     throw;
   }
-  adapters_.emplace_back(name, options);
+  adapters_.push_back({name, options, /*trainable_copy=*/false});
   if (active_.empty()) active_.push_back(name);
   update_requires_grad();
+}
+
+template <typename Base>
+void LoRALinearImpl<Base>::add_trainable_copy(const std::string& name) {
+  check_new_adapter(name);
+  TORCH_CHECK(lora_A_->size() == 0, "LoRALinear: cannot add trainable copy '", name,
+              "' to a layer that holds low-rank adapters; a layer is adapted or saved, not both");
+  auto copy = std::make_shared<Base>(base_options_);
+  {
+    torch::NoGradGuard no_grad;
+    const auto source = base_layer_->named_parameters();
+    for (auto& parameter : copy->named_parameters()) {
+      parameter.value().set_data(source[parameter.key()].detach().clone());
+    }
+  }
+  modules_to_save_->update({{name, copy}});
+  adapters_.push_back({name, LoRAOptions(), /*trainable_copy=*/true});
+  if (active_.empty()) active_.push_back(name);
+  update_requires_grad();
+}
+
+template <typename Base>
+bool LoRALinearImpl<Base>::is_trainable_copy(const std::string& name) const {
+  return adapter(name).trainable_copy;
+}
+
+template <typename Base>
+typename LoRALinearImpl<Base>::BaseHolder LoRALinearImpl<Base>::trainable_copy(const std::string& name) const {
+  TORCH_CHECK(modules_to_save_->contains(name), "LoRALinear: adapter '", name, "' is not a trainable copy (adapters: ",
+              detail::join(adapter_names()), ")");
+  return BaseHolder(std::dynamic_pointer_cast<Base>((*modules_to_save_)[name]));
 }
 
 template <typename Base>
@@ -168,9 +215,9 @@ void LoRALinearImpl<Base>::delete_adapter(const std::string& name) {
   TORCH_CHECK(std::find(merged_.begin(), merged_.end(), name) == merged_.end(), "LoRALinear: cannot delete adapter '",
               name, "' while it is merged; call unmerge() first");
   drop_modules(name);
-  adapters_.erase(std::find_if(adapters_.begin(), adapters_.end(), [&](const auto& item) { return item.first == name; }));
+  adapters_.erase(std::find_if(adapters_.begin(), adapters_.end(), [&](const Adapter& item) { return item.name == name; }));
   active_.erase(std::remove(active_.begin(), active_.end(), name), active_.end());
-  if (active_.empty() && !adapters_.empty()) active_.push_back(adapters_.front().first);
+  if (active_.empty() && !adapters_.empty()) active_.push_back(adapters_.front().name);
   update_requires_grad();
 }
 
@@ -187,26 +234,31 @@ void LoRALinearImpl<Base>::drop_modules(const std::string& name) {
   lora_A_ = this->replace_module("lora_A", without(lora_A_));
   lora_B_ = this->replace_module("lora_B", without(lora_B_));
   lora_magnitude_vector_ = this->replace_module("lora_magnitude_vector", without(lora_magnitude_vector_));
+  modules_to_save_ = this->replace_module("modules_to_save", without(modules_to_save_));
 }
 
 template <typename Base>
 std::vector<std::string> LoRALinearImpl<Base>::adapter_names() const {
   std::vector<std::string> names;
   names.reserve(adapters_.size());
-  for (const auto& item : adapters_) names.push_back(item.first);
+  for (const auto& item : adapters_) names.push_back(item.name);
   return names;
 }
 
 template <typename Base>
 bool LoRALinearImpl<Base>::has_adapter(const std::string& name) const {
-  return std::any_of(adapters_.begin(), adapters_.end(), [&](const auto& item) { return item.first == name; });
+  return std::any_of(adapters_.begin(), adapters_.end(), [&](const Adapter& item) { return item.name == name; });
+}
+
+template <typename Base>
+const typename LoRALinearImpl<Base>::Adapter& LoRALinearImpl<Base>::adapter(const std::string& name) const {
+  check_adapter(name, "read");
+  return *std::find_if(adapters_.begin(), adapters_.end(), [&](const Adapter& item) { return item.name == name; });
 }
 
 template <typename Base>
 const LoRAOptions& LoRALinearImpl<Base>::adapter_options(const std::string& name) const {
-  check_adapter(name, "read");
-  return std::find_if(adapters_.begin(), adapters_.end(), [&](const auto& item) { return item.first == name; })
-      ->second;
+  return adapter(name).options;
 }
 
 template <typename Base>
@@ -227,17 +279,25 @@ void LoRALinearImpl<Base>::set_adapters(const std::vector<std::string>& names) {
     TORCH_CHECK(std::count(names.begin(), names.end(), name) == 1, "LoRALinear: adapter '", name,
                 "' is listed more than once in set_adapters");
   }
+  const auto copies = std::count_if(names.begin(), names.end(), [&](const std::string& name) {
+    return adapter(name).trainable_copy;
+  });
+  TORCH_CHECK(copies <= 1, "LoRALinear: only one trainable copy can be active at a time (got ", detail::join(names), ")");
   active_ = names;
   update_requires_grad();
 }
 
 template <typename Base>
 void LoRALinearImpl<Base>::update_requires_grad() {
-  for (const auto& [name, options] : adapters_) {
-    const bool active = std::find(active_.begin(), active_.end(), name) != active_.end();
-    lora_A(name).requires_grad_(active);
-    lora_B(name).requires_grad_(active);
-    if (options.use_dora()) lora_magnitude_vector(name).requires_grad_(active);
+  for (const auto& entry : adapters_) {
+    const bool active = std::find(active_.begin(), active_.end(), entry.name) != active_.end();
+    if (entry.trainable_copy) {
+      for (auto& parameter : (*modules_to_save_)[entry.name]->parameters()) parameter.requires_grad_(active);
+      continue;
+    }
+    lora_A(entry.name).requires_grad_(active);
+    lora_B(entry.name).requires_grad_(active);
+    if (entry.options.use_dora()) lora_magnitude_vector(entry.name).requires_grad_(active);
   }
 }
 
@@ -284,6 +344,31 @@ at::Tensor LoRALinearImpl<Base>::delta_weight(const std::string& name) const {
 }
 
 template <typename Base>
+at::Tensor LoRALinearImpl<Base>::adapted_weight() const {
+  const auto weight = weight_out_in();
+  auto adapted = weight;
+  if (enabled_) {
+    for (const auto& name : active_) {
+      if (std::find(merged_.begin(), merged_.end(), name) != merged_.end()) continue;
+      const auto& entry = adapter(name);
+      TORCH_CHECK(!entry.trainable_copy, "LoRALinear: adapted_weight is undefined while trainable copy '", name,
+                  "' is active; use trainable_copy(\"", name, "\")");
+      const auto delta = delta_out_in(name).to(weight.scalar_type());
+      if (entry.options.use_dora()) {
+        // y = base(x) + (g − 1)·(x Wᵀ) + g·(x ΔWᵀ), g = m / ‖W + ΔW‖ held constant.
+        const auto& magnitude = lora_magnitude_vector(name);
+        const auto norm = functional::dora_weight_norm(weight, delta.detach());
+        const auto g = (magnitude / norm.to(magnitude.scalar_type())).to(weight.scalar_type()).unsqueeze(1);
+        adapted = adapted + (g - 1) * weight + g * delta;
+      } else {
+        adapted = adapted + delta;
+      }
+    }
+  }
+  return Traits::fan_in_fan_out ? adapted.t() : adapted;
+}
+
+template <typename Base>
 at::Tensor LoRALinearImpl<Base>::forward(const at::Tensor& input) {
   const int64_t in = in_features();
   TORCH_CHECK(input.dim() >= 1 && input.size(-1) == in, "LoRALinear: expected an input with ", in,
@@ -293,6 +378,9 @@ at::Tensor LoRALinearImpl<Base>::forward(const at::Tensor& input) {
   };
   if (!enabled_ || std::none_of(active_.begin(), active_.end(), is_pending)) {
     return Traits::forward(*base_layer_, input);
+  }
+  for (const auto& name : active_) {  // a trainable copy replaces the base layer
+    if (modules_to_save_->contains(name)) return Traits::forward(modules_to_save_->template at<Base>(name), input);
   }
 
   auto output_shape = input.sizes().vec();
@@ -351,6 +439,10 @@ void LoRALinearImpl<Base>::merge(const std::vector<std::string>& adapter_names, 
   auto weight = weight_out_in();
   for (const auto& name : names) {
     if (std::find(merged_.begin(), merged_.end(), name) != merged_.end()) continue;  // already in W
+    if (adapter(name).trainable_copy) {
+      merge_trainable_copy(name, safe_merge);
+      continue;
+    }
     const auto& options = adapter_options(name);
     const auto delta = delta_out_in(name);
     at::Tensor merged_weight;
@@ -382,6 +474,13 @@ void LoRALinearImpl<Base>::unmerge() {
   auto weight = weight_out_in();
   while (!merged_.empty()) {
     const auto name = merged_.back();
+    if (adapter(name).trainable_copy) {
+      auto originals = copy_merge_originals_.at(name).begin();
+      for (auto& parameter : base_layer_->parameters()) parameter.copy_(*originals++);
+      copy_merge_originals_.erase(name);
+      merged_.pop_back();
+      continue;
+    }
     const auto delta = delta_out_in(name).to(weight.scalar_type());
     if (adapter_options(name).use_dora()) {
       const auto& magnitude = lora_magnitude_vector(name);
@@ -396,13 +495,74 @@ void LoRALinearImpl<Base>::unmerge() {
 }
 
 template <typename Base>
+void LoRALinearImpl<Base>::merge_trainable_copy(const std::string& name, bool safe_merge) {
+  const std::vector<at::Tensor> copy = modules_to_save_->template at<Base>(name).parameters();
+  if (safe_merge) {
+    for (const at::Tensor& parameter : copy) {
+      TORCH_CHECK(at::isfinite(parameter).all().item<bool>(), "LoRALinear: merging trainable copy '", name,
+                  "' would write non-finite values (NaN or Inf) into the base layer; the layer is left unchanged");
+    }
+  }
+  std::vector<at::Tensor> base = base_layer_->parameters();
+  std::vector<at::Tensor> originals;
+  for (size_t i = 0; i < base.size(); ++i) {
+    originals.push_back(base[i].detach().clone());
+    base[i].copy_(copy[i]);
+  }
+  copy_merge_originals_[name] = std::move(originals);
+  merged_.push_back(name);
+}
+
+template <typename Base>
+void LoRALinearImpl<Base>::forget_adapters() {
+  for (const auto& entry : adapters_) drop_modules(entry.name);
+  adapters_.clear();
+  active_.clear();
+  merged_.clear();
+  dora_merge_norms_.clear();
+  copy_merge_originals_.clear();
+  enabled_ = true;
+}
+
+template <typename Base>
+void LoRALinearImpl<Base>::merge_and_unload(bool safe_merge) {
+  if (enabled_) merge({}, safe_merge);
+  forget_adapters();
+}
+
+template <typename Base>
+void LoRALinearImpl<Base>::unload() {
+  unmerge();
+  forget_adapters();
+}
+
+template <typename Base>
+std::vector<std::pair<std::string, at::Tensor>> LoRALinearImpl<Base>::adapter_state(const std::string& name) const {
+  std::vector<std::pair<std::string, at::Tensor>> state;
+  const auto& entry = adapter(name);
+  if (entry.trainable_copy) {
+    for (const auto& item : (*modules_to_save_)[name]->named_parameters()) state.emplace_back(item.key(), item.value());
+    return state;
+  }
+  state.emplace_back("lora_A.weight", lora_A(name));
+  state.emplace_back("lora_B.weight", lora_B(name));
+  if (entry.options.use_dora()) state.emplace_back("lora_magnitude_vector", lora_magnitude_vector(name));
+  return state;
+}
+
+template <typename Base>
 void LoRALinearImpl<Base>::pretty_print(std::ostream& stream) const {
   stream << "lora::LoRALinear<" << Traits::name << ">(in_features=" << in_features()
          << ", out_features=" << out_features() << ", bias=" << (Traits::has_bias(base_options_) ? "true" : "false")
          << ", adapters=[";
   for (size_t i = 0; i < adapters_.size(); ++i) {
-    const auto& [name, options] = adapters_[i];
-    stream << (i ? ", " : "") << name << "(r=" << options.r() << ", alpha=" << options.alpha();
+    const auto& [name, options, copy] = adapters_[i];
+    stream << (i ? ", " : "") << name;
+    if (copy) {
+      stream << "(trainable copy)";
+      continue;
+    }
+    stream << "(r=" << options.r() << ", alpha=" << options.alpha();
     if (options.dropout() > 0) stream << ", dropout=" << options.dropout();
     if (options.use_rslora()) stream << ", rslora";
     if (options.use_dora()) stream << ", dora";

@@ -1,0 +1,94 @@
+#pragma once
+
+/// \file
+/// `LoraConfig`: what to adapt in a model and how, PEFT's `LoraConfig`.
+
+#include <cstdint>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <c10/util/Exception.h>
+#include <torch/arg.h>
+
+#include <lora/options.hpp>
+#include <lora/trainable.hpp>
+
+namespace lora {
+
+/// Ordered (key regex, value) overrides; the first matching key wins, as in PEFT.
+using RankPattern = std::vector<std::pair<std::string, int64_t>>;
+using AlphaPattern = std::vector<std::pair<std::string, double>>;
+
+/// The configuration of one adapter over a whole model: the per-layer options plus which
+/// modules get adapters.
+///
+///     auto config = lora::LoraConfig(lora::LoRAOptions(8).alpha(16))
+///                       .target_modules({"query", "value"})
+///                       .modules_to_save({"classifier"});
+///     lora::inject(*model, config);
+struct LoraConfig {
+  /* implicit */ LoraConfig(LoRAOptions adapter = {}) : adapter_(std::move(adapter)) {}
+
+  /// r, alpha, dropout, rsLoRA, DoRA, init and dtype of every adapted layer (before patterns).
+  TORCH_ARG(LoRAOptions, adapter);
+  /// Module names to adapt: a name matches a module whose qualified name equals it or ends
+  /// with "." + it (`query` matches `bert.encoder.layer.3.attention.self.query`).
+  /// {"all-linear"} selects every Linear layer except the output head. Default: none.
+  TORCH_ARG(std::vector<std::string>, target_modules);
+  /// Alternatively a regular expression that must match the whole qualified name
+  /// (PEFT's `target_modules` given as a string). Default: empty (unused).
+  TORCH_ARG(std::string, target_regex);
+  /// Modules never adapted, by the same name rule as `target_modules`. Default: none.
+  TORCH_ARG(std::vector<std::string>, exclude_modules);
+  /// Only adapt layers whose index (the number after `layers_pattern`, or after any
+  /// `<name>.<number>.` in the path) is listed. Default: all layers.
+  TORCH_ARG(std::vector<int64_t>, layers_to_transform);
+  /// Names of the module lists holding the layers, e.g. {"layer"} for BERT. Default: any.
+  TORCH_ARG(std::vector<std::string>, layers_pattern);
+  /// Per-module rank overrides: key regex → r, matched against the end of the qualified name
+  /// (`(.*\.)?key`), first match wins. Default: none.
+  TORCH_ARG(RankPattern, rank_pattern);
+  /// Per-module alpha overrides, matched like `rank_pattern`. Default: none.
+  TORCH_ARG(AlphaPattern, alpha_pattern);
+  /// Modules trained in full next to the adapters (e.g. {"classifier"}), by the name rule of
+  /// `target_modules`; their original weights are kept. Default: none.
+  TORCH_ARG(std::vector<std::string>, modules_to_save);
+  /// Which biases train besides the adapters. Default: none.
+  TORCH_ARG(BiasMode, bias) = BiasMode::kNone;
+
+ public:
+  /// True when `target_modules` is PEFT's {"all-linear"}.
+  bool all_linear() const { return target_modules_.size() == 1 && target_modules_.front() == "all-linear"; }
+
+  /// Checks what does not depend on the model; throws naming the bad value.
+  void validate() const {
+    adapter_.validate();
+    TORCH_CHECK(!target_modules_.empty() || !target_regex_.empty(),
+                "LoraConfig: no target modules (set target_modules, e.g. {\"query\", \"value\"}, or target_regex)");
+    TORCH_CHECK(target_modules_.empty() || target_regex_.empty(),
+                "LoraConfig: set target_modules or target_regex, not both (target_regex is '", target_regex_, "')");
+    for (const auto& name : target_modules_) {
+      TORCH_CHECK(!name.empty(), "LoraConfig: target_modules contains an empty name");
+      TORCH_CHECK(name != "all-linear" || target_modules_.size() == 1,
+                  "LoraConfig: 'all-linear' must be the only entry of target_modules");
+    }
+    TORCH_CHECK(layers_pattern_.empty() || !layers_to_transform_.empty(),
+                "LoraConfig: layers_pattern needs layers_to_transform");
+    for (const auto index : layers_to_transform_) {
+      TORCH_CHECK(index >= 0, "LoraConfig: layers_to_transform must hold layer indices >= 0 (got ", index, ")");
+    }
+    std::set<std::string> keys;
+    for (const auto& [key, rank] : rank_pattern_) {
+      TORCH_CHECK(keys.insert("r:" + key).second, "LoraConfig: rank_pattern lists '", key, "' twice");
+      TORCH_CHECK(rank > 0, "LoraConfig: rank_pattern['", key, "'] must be > 0 (got ", rank, ")");
+    }
+    for (const auto& [key, alpha] : alpha_pattern_) {
+      TORCH_CHECK(keys.insert("a:" + key).second, "LoraConfig: alpha_pattern lists '", key, "' twice");
+      TORCH_CHECK(alpha > 0, "LoraConfig: alpha_pattern['", key, "'] must be > 0 (got ", alpha, ")");
+    }
+  }
+};
+
+}  // namespace lora

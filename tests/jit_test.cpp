@@ -1,0 +1,205 @@
+#include <lora/jit.hpp>
+
+#include "test_helpers.hpp"
+#include "tiny_bert.hpp"
+
+using lora::JitAdapters;
+using lora::LoraConfig;
+using lora::LoRAOptions;
+using lora::testing::max_abs_diff;
+using lora::testing::TinyBert;
+
+namespace {
+
+class JitTest : public lora::testing::SeededTest {};
+
+LoraConfig query_value_config() {
+  return LoraConfig(LoRAOptions(4).alpha(8)).target_modules({"query", "value"}).modules_to_save({"classifier"});
+}
+
+torch::Tensor run(torch::jit::Module& module, const torch::Tensor& x) { return module.forward({x}).toTensor(); }
+
+torch::Tensor reload(torch::jit::Module& module, torch::jit::Module* out) {
+  std::stringstream bytes;
+  module.save(bytes);
+  *out = torch::jit::load(bytes);
+  return torch::Tensor();
+}
+
+torch::Tensor scripted_weight(const torch::jit::Module& module, const std::string& path) {
+  for (const auto& item : module.named_parameters()) {
+    if (item.name == path) return item.value;
+  }
+  return {};
+}
+
+}  // namespace
+
+TEST_F(JitTest, TwinComputesWhatTheNativeModelComputes) {
+  TinyBert native;
+  auto scripted = lora::testing::scripted_twin(native);
+  const auto x = torch::randn({3, 5, lora::testing::kHidden});
+  EXPECT_LT(max_abs_diff(run(scripted, x), native(x)), 1e-5);
+}
+
+TEST_F(JitTest, InjectsTheSameLayersAsTheNativeInjector) {
+  TinyBert native;
+  auto scripted = lora::testing::scripted_twin(native);
+  torch::manual_seed(5);
+  const auto native_report = lora::inject(*native, query_value_config());
+  torch::manual_seed(5);
+  auto adapters = JitAdapters::inject(scripted, query_value_config());
+  EXPECT_EQ(adapters.target_names(), native_report.adapted_modules());
+  // Same generator state and order: the same initial A matrices.
+  const auto native_state = lora::adapter_state_dict(*native);
+  const auto jit_state = adapters.adapter_state_dict();
+  ASSERT_EQ(jit_state.keys(), native_state.keys());
+  for (const auto& item : native_state) EXPECT_TRUE(torch::equal(item.value(), jit_state[item.key()])) << item.key();
+  // Trainable: the adapters and the saved classifier, nothing of the scripted model besides.
+  EXPECT_EQ(adapters.parameters().size(), 4u * 2u + 2u);
+  for (const auto& item : scripted.named_parameters()) {
+    const bool classifier = item.name.rfind("classifier.", 0) == 0;
+    EXPECT_EQ(item.value.requires_grad(), classifier || item.name.find("attention.self.query.weight") != std::string::npos ||
+                                              item.name.find("attention.self.value.weight") != std::string::npos)
+        << item.name;  // re-parametrised weights carry the adapters' graph
+  }
+}
+
+TEST_F(JitTest, TrainingMatchesTheNativeAdapterStepByStep) {
+  TinyBert native;
+  auto scripted = lora::testing::scripted_twin(native);
+  const auto W0 = scripted_weight(scripted, "encoder.layer.0.attention.self.query.weight").detach().clone();
+  torch::manual_seed(5);
+  lora::inject(*native, query_value_config());
+  torch::manual_seed(5);
+  auto adapters = JitAdapters::inject(scripted, query_value_config());
+
+  torch::optim::AdamW native_optimizer(native->parameters(), torch::optim::AdamWOptions(1e-2));
+  torch::optim::AdamW jit_optimizer(adapters.parameters(), torch::optim::AdamWOptions(1e-2));
+  std::vector<double> native_losses, jit_losses;
+  for (int step = 0; step < 6; ++step) {
+    const auto x = torch::randn({8, 5, lora::testing::kHidden});
+    const auto y = torch::randint(0, 2, {8});
+    native_optimizer.zero_grad();
+    auto loss = torch::nn::functional::cross_entropy(native(x), y);
+    loss.backward();
+    native_optimizer.step();
+    native_losses.push_back(loss.item<double>());
+
+    adapters.refresh();
+    jit_optimizer.zero_grad();
+    auto jit_loss = torch::nn::functional::cross_entropy(run(scripted, x), y);
+    jit_loss.backward();
+    jit_optimizer.step();
+    jit_losses.push_back(jit_loss.item<double>());
+  }
+  for (size_t i = 0; i < native_losses.size(); ++i) EXPECT_NEAR(jit_losses[i], native_losses[i], 1e-5) << "step " << i;
+  EXPECT_GT(std::abs(native_losses.back() - native_losses.front()), 1e-4);  // something was learned
+
+  adapters.refresh();
+  const auto x = torch::randn({4, 5, lora::testing::kHidden});
+  EXPECT_LT(max_abs_diff(run(scripted, x), native(x)), 1e-5);
+  // The scripted model's own weight never moved: the adapter lives beside it.
+  const auto& W = adapters.adapters()->named_parameters()["encoder.layer.0.attention.self.query.base_layer.weight"];
+  EXPECT_TRUE(torch::equal(W, W0));
+}
+
+TEST_F(JitTest, MergeSavesAPlainModuleAndUnmergeRestores) {
+  TinyBert native;
+  auto scripted = lora::testing::scripted_twin(native);
+  const auto W0 = scripted_weight(scripted, "encoder.layer.1.attention.self.value.weight").detach().clone();
+  auto adapters = JitAdapters::inject(scripted, query_value_config());
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& parameter : adapters.parameters()) parameter.add_(0.1 * torch::randn_like(parameter));
+    adapters.refresh();
+  }
+  const auto x = torch::randn({3, 5, lora::testing::kHidden});
+  const auto adapted = run(scripted, x).detach();
+
+  adapters.merge(/*safe_merge=*/true);
+  EXPECT_TRUE(adapters.merged());
+  EXPECT_LT(max_abs_diff(run(scripted, x), adapted), 1e-5);
+  const auto layer = adapters.adapters()->named_modules()["encoder.layer.1.attention.self.value"]
+                         ->as<lora::LoRALinearImpl<>>();
+  const auto merged_W = scripted_weight(scripted, "encoder.layer.1.attention.self.value.weight");
+  EXPECT_FALSE(merged_W.requires_grad());
+  EXPECT_LT(max_abs_diff(merged_W, W0 + layer->delta_weight("default")), 1e-6);
+
+  torch::jit::Module reloaded;
+  reload(scripted, &reloaded);
+  EXPECT_LT(max_abs_diff(run(reloaded, x), adapted), 1e-5);
+  EXPECT_EQ(reloaded.named_parameters().size(), scripted.named_parameters().size());
+
+  adapters.unmerge();
+  EXPECT_FALSE(adapters.merged());
+  EXPECT_LT(max_abs_diff(layer->base_weight(), W0), 1e-6);  // the scripted model's own weight, restored
+  EXPECT_LT(max_abs_diff(run(scripted, x), adapted), 1e-5);
+}
+
+TEST_F(JitTest, DisablingGivesTheOriginalOutput) {
+  TinyBert native;
+  auto scripted = lora::testing::scripted_twin(native);
+  const auto x = torch::randn({2, 4, lora::testing::kHidden});
+  const auto base = run(scripted, x).detach();
+  auto adapters = JitAdapters::inject(scripted, query_value_config());
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& parameter : adapters.parameters()) parameter.add_(0.1 * torch::randn_like(parameter));
+  }
+  adapters.refresh();
+  const auto adapted = run(scripted, x).detach();
+  EXPECT_GT(max_abs_diff(adapted, base), 1e-4);
+  adapters.enable_adapters(false);
+  EXPECT_TRUE(torch::equal(run(scripted, x), base));
+  adapters.enable_adapters(false);  // twice changes nothing
+  EXPECT_TRUE(torch::equal(run(scripted, x), base));
+  adapters.enable_adapters(true);
+  EXPECT_TRUE(torch::equal(run(scripted, x), adapted));
+}
+
+TEST_F(JitTest, ForgettingRefreshFailsLoudly) {
+  TinyBert native;
+  auto scripted = lora::testing::scripted_twin(native);
+  auto adapters = JitAdapters::inject(scripted, LoraConfig(LoRAOptions(2).alpha(4)).target_modules({"query"}));
+  const auto x = torch::randn({2, 4, lora::testing::kHidden});
+  run(scripted, x).sum().backward();
+  // No refresh: the re-parametrised weight's graph was freed by the first backward.
+  EXPECT_THROW(run(scripted, x).sum().backward(), c10::Error);
+  adapters.refresh();
+  EXPECT_NO_THROW(run(scripted, x).sum().backward());
+}
+
+TEST_F(JitTest, ErrorsNameWhatWasWrong) {
+  TinyBert native;
+  auto scripted = lora::testing::scripted_twin(native);
+  LORA_EXPECT_THROWS_WITH(JitAdapters::inject(scripted, LoraConfig(LoRAOptions(2).dropout(0.1)).target_modules({"query"})),
+                          "dropout must be 0 for TorchScript modules (got 0.1)");
+  LORA_EXPECT_THROWS_WITH(JitAdapters::inject(scripted, LoraConfig(LoRAOptions(2)).target_modules({"LayerNorm"})),
+                          "module 'encoder.layer.0.attention.output.LayerNorm' (__torch__.");
+  LORA_EXPECT_THROWS_WITH(JitAdapters::inject(scripted, LoraConfig(LoRAOptions(2)).target_modules({"LayerNorm"})),
+                          "LayerNorm) matches the targets but is not a Linear");
+  LORA_EXPECT_THROWS_WITH(JitAdapters::inject(scripted, LoraConfig(LoRAOptions(2)).target_modules({"qkv"})),
+                          "no module matches the targets (qkv); Linear modules in the scripted module: "
+                          "encoder.layer.0.attention.self.query");
+  for (const auto& item : scripted.named_parameters()) {
+    EXPECT_TRUE(item.value.is_leaf()) << item.name << ": a failed inject must leave the module alone";
+  }
+  auto adapters = JitAdapters::inject(scripted, LoraConfig(LoRAOptions(2)).target_modules({"query"}));
+  LORA_EXPECT_THROWS_WITH(adapters.add_adapter(LoraConfig(LoRAOptions(2)).target_modules({"query"}), "default"),
+                          "adapter 'default' is already attached to 'encoder.layer.0.attention.self.query'");
+  LORA_EXPECT_THROWS_WITH(adapters.set_adapter("other"), "cannot activate unknown adapter 'other'");
+}
+
+TEST_F(JitTest, SecondAdapterCanBeSelected) {
+  TinyBert native;
+  auto scripted = lora::testing::scripted_twin(native);
+  auto adapters = JitAdapters::inject(scripted, LoraConfig(LoRAOptions(2).alpha(4)).target_modules({"query"}));
+  adapters.add_adapter(LoraConfig(LoRAOptions(2).alpha(4).init("false")).target_modules({"query"}), "other");
+  const auto x = torch::randn({2, 4, lora::testing::kHidden});
+  const auto first = run(scripted, x).detach();  // B = 0: the base output
+  adapters.set_adapter("other");
+  EXPECT_GT(max_abs_diff(run(scripted, x), first), 1e-4);
+  adapters.set_adapter("default");
+  EXPECT_TRUE(torch::equal(run(scripted, x), first));
+}
