@@ -65,7 +65,7 @@ TEST_F(JitTest, InjectsTheSameLayersAsTheNativeInjector) {
   }
 }
 
-TEST_F(JitTest, TrainingMatchesTheNativeAdapterStepByStep) {
+TEST_F(JitTest, TrainingMatchesTheNativeAdapterAndTheLossFalls) {
   TinyBert native;
   auto scripted = lora::testing::scripted_twin(native);
   const auto W0 = scripted_weight(scripted, "encoder.layer.0.attention.self.query.weight").detach().clone();
@@ -74,31 +74,46 @@ TEST_F(JitTest, TrainingMatchesTheNativeAdapterStepByStep) {
   torch::manual_seed(5);
   auto adapters = JitAdapters::inject(scripted, query_value_config());
 
-  torch::optim::AdamW native_optimizer(native->parameters(), torch::optim::AdamWOptions(1e-2));
-  torch::optim::AdamW jit_optimizer(adapters.parameters(), torch::optim::AdamWOptions(1e-2));
-  std::vector<double> native_losses, jit_losses;
-  for (int step = 0; step < 6; ++step) {
-    const auto x = torch::randn({8, 5, lora::testing::kHidden});
-    const auto y = torch::randint(0, 2, {8});
+  // A learnable task: does the first token's feature 0 exceed feature 1 of the second token?
+  auto batch = [] {
+    auto x = torch::randn({32, 6, lora::testing::kHidden});
+    auto y = (x.select(1, 0).select(1, 0) > x.select(1, 1).select(1, 1)).to(torch::kLong);
+    return std::make_pair(x, y);
+  };
+  torch::manual_seed(1);
+  const auto [probe_x, probe_y] = batch();
+  auto probe_loss = [&](const std::function<torch::Tensor(const torch::Tensor&)>& model) {
+    torch::NoGradGuard no_grad;
+    return torch::nn::functional::cross_entropy(model(probe_x), probe_y).item<double>();
+  };
+  auto jit_model = [&](const torch::Tensor& x) { return run(scripted, x); };
+  auto native_model = [&](const torch::Tensor& x) { return native(x); };
+  const double initial = probe_loss(native_model);
+  EXPECT_NEAR(probe_loss(jit_model), initial, 1e-5);
+
+  torch::optim::AdamW native_optimizer(native->parameters(), torch::optim::AdamWOptions(2e-2).weight_decay(0.0));
+  torch::optim::AdamW jit_optimizer(adapters.parameters(), torch::optim::AdamWOptions(2e-2).weight_decay(0.0));
+  double worst = 0;
+  for (int step = 0; step < 150; ++step) {
+    const auto [x, y] = batch();
     native_optimizer.zero_grad();
     auto loss = torch::nn::functional::cross_entropy(native(x), y);
     loss.backward();
     native_optimizer.step();
-    native_losses.push_back(loss.item<double>());
 
     adapters.refresh();
     jit_optimizer.zero_grad();
     auto jit_loss = torch::nn::functional::cross_entropy(run(scripted, x), y);
     jit_loss.backward();
     jit_optimizer.step();
-    jit_losses.push_back(jit_loss.item<double>());
+    worst = std::max(worst, std::abs(jit_loss.item<double>() - loss.item<double>()));
   }
-  for (size_t i = 0; i < native_losses.size(); ++i) EXPECT_NEAR(jit_losses[i], native_losses[i], 1e-5) << "step " << i;
-  EXPECT_GT(std::abs(native_losses.back() - native_losses.front()), 1e-4);  // something was learned
-
+  EXPECT_LT(worst, 1e-4) << "largest per-step loss difference between the native and the scripted model";
   adapters.refresh();
-  const auto x = torch::randn({4, 5, lora::testing::kHidden});
-  EXPECT_LT(max_abs_diff(run(scripted, x), native(x)), 1e-5);
+  const double native_final = probe_loss(native_model);
+  EXPECT_LT(native_final, 0.7 * initial) << "initial " << initial << ", final " << native_final;
+  EXPECT_NEAR(probe_loss(jit_model), native_final, 1e-4);
+  EXPECT_LT(max_abs_diff(run(scripted, probe_x), native(probe_x)), 1e-4);
   // The scripted model's own weight never moved: the adapter lives beside it.
   const auto& W = adapters.adapters()->named_parameters()["encoder.layer.0.attention.self.query.base_layer.weight"];
   EXPECT_TRUE(torch::equal(W, W0));
