@@ -77,6 +77,18 @@ TEST_F(InjectTest, InjectsQueryAndValueAndReportsThem) {
   EXPECT_EQ(count.trainable, 4 * (4 * 16 + 16 * 4) + (2 * 16 + 2));
 }
 
+TEST_F(InjectTest, BiasModeChoosesWhichBiasesTrain) {
+  TinyBert model;
+  lora::inject(*model, LoraConfig(LoRAOptions(2).alpha(4)).target_modules({"query"}).bias(lora::BiasMode::kLoraOnly));
+  EXPECT_EQ(trainable_names(*model),
+            (std::vector<std::string>{"encoder.layer.0.attention.self.query.base_layer.bias",
+                                      "encoder.layer.0.attention.self.query.lora_A.default.weight",
+                                      "encoder.layer.0.attention.self.query.lora_B.default.weight",
+                                      "encoder.layer.1.attention.self.query.base_layer.bias",
+                                      "encoder.layer.1.attention.self.query.lora_A.default.weight",
+                                      "encoder.layer.1.attention.self.query.lora_B.default.weight"}));
+}
+
 TEST_F(InjectTest, AdaptedModelStartsAsTheBaseModel) {
   TinyBert model;
   const auto x = torch::randn({3, 5, lora::testing::kHidden});

@@ -218,3 +218,33 @@ TEST_F(JitTest, SecondAdapterCanBeSelected) {
   adapters.set_adapter("default");
   EXPECT_TRUE(torch::equal(run(scripted, x), first));
 }
+
+TEST_F(JitTest, DoRAAndRankPatternsMatchTheNativeModel) {
+  TinyBert native;
+  auto scripted = lora::testing::scripted_twin(native);
+  const auto config = LoraConfig(LoRAOptions(4).alpha(6).use_dora(true))
+                          .target_modules({"query", "value", "dense"})
+                          .rank_pattern({{"dense", 2}});
+  torch::manual_seed(3);
+  lora::inject(*native, config);
+  torch::manual_seed(3);
+  auto adapters = JitAdapters::inject(scripted, config);
+  {
+    torch::NoGradGuard no_grad;  // give both the same trained-looking adapters
+    auto native_state = lora::adapter_state_dict(*native);
+    auto jit_state = adapters.adapter_state_dict();
+    ASSERT_EQ(native_state.keys(), jit_state.keys());
+    for (auto& item : native_state) {
+      const auto noise = 0.1 * torch::randn_like(item.value());
+      item.value().add_(noise);
+      jit_state[item.key()].add_(noise);
+    }
+  }
+  adapters.refresh();
+  const auto x = torch::randn({3, 5, lora::testing::kHidden});
+  const auto expected = native(x);
+  EXPECT_LT(max_abs_diff(run(scripted, x), expected), 1e-5);
+  adapters.merge();
+  EXPECT_LT(max_abs_diff(run(scripted, x), expected), 1e-5);
+  EXPECT_EQ(adapters.adapter_state_dict()["base_model.model.pooler.dense.lora_A.weight"].size(0), 2);
+}
