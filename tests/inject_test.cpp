@@ -12,9 +12,7 @@ namespace {
 
 class InjectTest : public lora::testing::SeededTest {};
 
-LoraConfig query_value_config() {
-  return LoraConfig(LoRAOptions(4).alpha(8)).target_modules({"query", "value"}).modules_to_save({"classifier"});
-}
+using lora::testing::query_value_config;
 
 std::vector<std::string> trainable_names(const torch::nn::Module& model) {
   std::vector<std::string> names;
@@ -122,12 +120,7 @@ TEST_F(InjectTest, LossFallsOnALearnableTask) {
   TinyBert model;
   lora::inject(*model, query_value_config());
   torch::optim::AdamW optimizer(model->parameters(), torch::optim::AdamWOptions(2e-2).weight_decay(0.0));
-  // Label: does the first token's feature 0 exceed feature 1 of the second token?
-  auto batch = [] {
-    auto x = torch::randn({32, 6, lora::testing::kHidden});
-    auto y = (x.select(1, 0).select(1, 0) > x.select(1, 1).select(1, 1)).to(torch::kLong);
-    return std::make_pair(x, y);
-  };
+  auto batch = [] { return lora::testing::comparison_batch(); };
   torch::manual_seed(1);
   const auto [probe_x, probe_y] = batch();
   auto probe_loss = [&] {

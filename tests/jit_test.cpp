@@ -13,9 +13,7 @@ namespace {
 
 class JitTest : public lora::testing::SeededTest {};
 
-LoraConfig query_value_config() {
-  return LoraConfig(LoRAOptions(4).alpha(8)).target_modules({"query", "value"}).modules_to_save({"classifier"});
-}
+using lora::testing::query_value_config;
 
 torch::Tensor run(torch::jit::Module& module, const torch::Tensor& x) { return module.forward({x}).toTensor(); }
 
@@ -74,12 +72,7 @@ TEST_F(JitTest, TrainingMatchesTheNativeAdapterAndTheLossFalls) {
   torch::manual_seed(5);
   auto adapters = JitAdapters::inject(scripted, query_value_config());
 
-  // A learnable task: does the first token's feature 0 exceed feature 1 of the second token?
-  auto batch = [] {
-    auto x = torch::randn({32, 6, lora::testing::kHidden});
-    auto y = (x.select(1, 0).select(1, 0) > x.select(1, 1).select(1, 1)).to(torch::kLong);
-    return std::make_pair(x, y);
-  };
+  auto batch = [] { return lora::testing::comparison_batch(); };
   torch::manual_seed(1);
   const auto [probe_x, probe_y] = batch();
   auto probe_loss = [&](const std::function<torch::Tensor(const torch::Tensor&)>& model) {

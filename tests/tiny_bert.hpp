@@ -123,6 +123,19 @@ struct TinyBertImpl : torch::nn::Module {
 };
 TORCH_MODULE(TinyBert);
 
+/// The configuration most tests use: rank 4 on query and value, the classifier saved.
+inline lora::LoraConfig query_value_config() {
+  return lora::LoraConfig(lora::LoRAOptions(4).alpha(8)).target_modules({"query", "value"}).modules_to_save({"classifier"});
+}
+
+/// A learnable task for TinyBert: does the first token's feature 0 exceed the second token's
+/// feature 1? (The pooled first token must attend to the second: the adapted projections matter.)
+inline std::pair<torch::Tensor, torch::Tensor> comparison_batch(int64_t size = 32) {
+  auto x = torch::randn({size, 6, kHidden});
+  auto y = (x.select(1, 0).select(1, 0) > x.select(1, 1).select(1, 1)).to(torch::kLong);
+  return {x, y};
+}
+
 // ---- the TorchScript twin -----------------------------------------------------------------
 
 namespace detail {

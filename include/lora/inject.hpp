@@ -10,6 +10,7 @@
 /// LibTorch's `replace_module` cannot reach the parent's typed member that `forward` calls.
 
 #include <algorithm>
+#include <map>
 #include <memory>
 #include <sstream>
 #include <string>
@@ -122,66 +123,49 @@ inline InjectionReport inject(torch::nn::Module& model, const LoraConfig& config
   std::vector<std::string> layer_names;
   for (const auto& item : layers) layer_names.push_back(item.first);
 
-  // Every linear module, adaptable or not, in model order (for all-linear and for errors).
-  std::vector<std::string> linear_names;
-  std::vector<std::pair<std::string, std::shared_ptr<torch::nn::Module>>> modules;
+  // Every module outside LoRA layers, in model order, and whether it is linear (adaptable or not).
+  std::vector<std::pair<std::string, bool>> names;
+  std::map<std::string, std::shared_ptr<torch::nn::Module>> by_name;
   for (const auto& item : model.named_modules("", /*include_self=*/false)) {
     if (detail::inside_lora_layer(item.key(), layer_names)) continue;
-    modules.emplace_back(item.key(), item.value());
-    const bool adaptable = std::dynamic_pointer_cast<LoRALayer>(item.value()) != nullptr;
-    if (adaptable || std::dynamic_pointer_cast<torch::nn::LinearImpl>(item.value())) linear_names.push_back(item.key());
+    const bool linear = std::dynamic_pointer_cast<LoRALayer>(item.value()) != nullptr ||
+                        std::dynamic_pointer_cast<torch::nn::LinearImpl>(item.value()) != nullptr;
+    names.emplace_back(item.key(), linear);
+    by_name[item.key()] = item.value();
   }
-  // all-linear leaves out the output head: the last linear module, and anything saved.
-  std::string output_head;
-  if (config.all_linear() && !linear_names.empty()) output_head = linear_names.back();
 
   struct Plan {
-    std::string name;
+    Selection selection;
     std::shared_ptr<LoRALayer> layer;
-    bool saved;
-    LoRAOptions options;
   };
   std::vector<Plan> plans;
-  for (const auto& [name, module] : modules) {
-    const bool saved = matcher.is_saved(name);
-    const bool is_linear = std::find(linear_names.begin(), linear_names.end(), name) != linear_names.end();
-    bool targeted = config.all_linear() ? is_linear && name != output_head && matcher.in_selected_layer(name)
-                                        : matcher.is_target(name);
-    if (matcher.is_excluded(name)) continue;
-    if (saved) targeted = false;  // a saved module trains in full, it gets no low-rank adapter
-    if (!targeted && !saved) continue;
-
+  for (auto& selection : select_modules(matcher, names, "lora::inject", "linear modules in the model")) {
+    const auto& module = by_name.at(selection.name);
     auto layer = std::dynamic_pointer_cast<LoRALayer>(module);
     if (!layer) {
-      TORCH_CHECK(!std::dynamic_pointer_cast<torch::nn::LinearImpl>(module), "lora::inject: module '", name,
+      TORCH_CHECK(!std::dynamic_pointer_cast<torch::nn::LinearImpl>(module), "lora::inject: module '", selection.name,
                   "' is a plain torch::nn::Linear. The model's forward calls it through its own typed member, "
                   "which replace_module cannot reach, so an adapter attached there would never run. Declare it as "
                   "lora::LoRALinear<> (it behaves exactly like torch::nn::Linear until an adapter is attached)");
-      TORCH_CHECK(false, "lora::inject: module '", name, "' (", detail::module_type(*module), ") matches ",
-                  saved ? "modules_to_save" : "the targets",
+      TORCH_CHECK(false, "lora::inject: module '", selection.name, "' (", detail::module_type(*module), ") matches ",
+                  selection.saved ? "modules_to_save" : "the targets",
                   " but is not a Linear layer; supported: lora::LoRALinear<Base> (Linear-like layers)");
     }
     TORCH_CHECK(!layer->has_adapter(adapter_name), "lora::inject: adapter '", adapter_name,
-                "' is already attached to '", name, "'");
-    plans.push_back({name, layer, saved, matcher.options_for(name)});
-  }
-  const bool any_adapted = std::any_of(plans.begin(), plans.end(), [](const Plan& plan) { return !plan.saved; });
-  TORCH_CHECK(any_adapted, "lora::inject: no module matches the targets (",
-              config.target_regex().empty() ? detail::join(config.target_modules()) : config.target_regex(),
-              "); linear modules in the model: ", detail::join(linear_names));
-  for (const auto& plan : plans) {
-    if (!plan.saved) plan.options.validate();
+                "' is already attached to '", selection.name, "'");
+    plans.push_back({std::move(selection), layer});
   }
 
   InjectionReport report;
   report.adapter_name = adapter_name;
-  for (const auto& plan : plans) {
-    if (plan.saved) {
-      plan.layer->add_trainable_copy(adapter_name);
-      report.entries.push_back({plan.name, true, 0, 0, 0});
+  for (const auto& [selection, layer] : plans) {
+    const auto& options = selection.options;
+    if (selection.saved) {
+      layer->add_trainable_copy(adapter_name);
+      report.entries.push_back({selection.name, true, 0, 0, 0});
     } else {
-      plan.layer->add_adapter(adapter_name, plan.options);
-      report.entries.push_back({plan.name, false, plan.options.r(), plan.options.alpha(), plan.options.scaling()});
+      layer->add_adapter(adapter_name, options);
+      report.entries.push_back({selection.name, false, options.r(), options.alpha(), options.scaling()});
     }
   }
   // As PEFT's get_peft_model: everything but the active adapters (and chosen biases) freezes.

@@ -13,6 +13,7 @@
 /// Kept out of <lora/lora.hpp>: it pulls in the TorchScript headers.
 
 #include <algorithm>
+#include <map>
 #include <memory>
 #include <string>
 #include <utility>
@@ -64,49 +65,30 @@ class JitAdapters {
                 config.adapter().dropout(),
                 "): adapters are applied by re-parametrising weights, which cannot drop out the adapter's input alone");
 
-    std::vector<std::string> linear_names;
-    std::vector<std::pair<std::string, torch::jit::Module>> modules;
+    std::vector<std::pair<std::string, bool>> names;
+    std::map<std::string, torch::jit::Module> by_name;
     for (const auto& item : module_.named_modules()) {
       if (item.name.empty()) continue;
-      modules.emplace_back(item.name, item.value);
-      if (is_linear(item.value)) linear_names.push_back(item.name);
+      names.emplace_back(item.name, is_linear(item.value));
+      by_name.emplace(item.name, item.value);
     }
-    const std::string output_head = config.all_linear() && !linear_names.empty() ? linear_names.back() : "";
-
-    struct Plan {
-      std::string name;
-      torch::jit::Module submodule;
-      bool saved;
-      LoRAOptions options;
-    };
-    std::vector<Plan> plans;
-    for (const auto& [name, submodule] : modules) {
-      const bool saved = matcher.is_saved(name);
-      const bool linear = is_linear(submodule);
-      bool targeted = config.all_linear() ? linear && name != output_head && matcher.in_selected_layer(name)
-                                          : matcher.is_target(name);
-      if (matcher.is_excluded(name)) continue;
-      if (saved) targeted = false;
-      if (!targeted && !saved) continue;
-      if (saved) {
+    const auto selected =
+        select_modules(matcher, names, "lora::JitAdapters", "Linear modules in the scripted module");
+    for (const auto& selection : selected) {
+      const auto& name = selection.name;
+      const auto& submodule = by_name.at(name);
+      if (selection.saved) {
         TORCH_CHECK(!find_saved(name), "lora::JitAdapters: module '", name, "' is already saved by adapter '",
                     find_saved(name)->adapter, "'; one saved copy per module is supported for TorchScript");
-      } else {
-        TORCH_CHECK(linear, "lora::JitAdapters: module '", name, "' (", submodule.type()->name()->qualifiedName(),
-                    ") matches the targets but is not a Linear (a module of type *.Linear with a 2-D weight)");
-        if (const auto* existing = find_target(name)) {
-          TORCH_CHECK(!existing->layer->has_adapter(adapter_name), "lora::JitAdapters: adapter '", adapter_name,
-                      "' is already attached to '", name, "'");
-        }
+        continue;
       }
-      plans.push_back({name, submodule, saved, matcher.options_for(name)});
-    }
-    const bool any_adapted = std::any_of(plans.begin(), plans.end(), [](const Plan& plan) { return !plan.saved; });
-    TORCH_CHECK(any_adapted, "lora::JitAdapters: no module matches the targets (",
-                config.target_regex().empty() ? detail::join(config.target_modules()) : config.target_regex(),
-                "); Linear modules in the scripted module: ", detail::join(linear_names));
-    for (const auto& plan : plans) {
-      if (!plan.saved) plan.options.validate();
+      TORCH_CHECK(is_linear(submodule), "lora::JitAdapters: module '", name, "' (",
+                  submodule.type()->name()->qualifiedName(),
+                  ") matches the targets but is not a Linear (a module of type *.Linear with a 2-D weight)");
+      if (const auto* existing = find_target(name)) {
+        TORCH_CHECK(!existing->layer->has_adapter(adapter_name), "lora::JitAdapters: adapter '", adapter_name,
+                    "' is already attached to '", name, "'");
+      }
     }
 
     if (targets_.empty() && saved_.empty()) {
@@ -114,16 +96,17 @@ class JitAdapters {
     }
     InjectionReport report;
     report.adapter_name = adapter_name;
-    for (const auto& plan : plans) {
-      if (plan.saved) {
-        save_module(plan.name, plan.submodule, adapter_name);
-        report.entries.push_back({plan.name, true, 0, 0, 0});
+    for (const auto& selection : selected) {
+      const auto& options = selection.options;
+      if (selection.saved) {
+        save_module(selection.name, by_name.at(selection.name), adapter_name);
+        report.entries.push_back({selection.name, true, 0, 0, 0});
         continue;
       }
-      auto* target = find_target(plan.name);
-      if (target == nullptr) target = &add_target(plan.name, plan.submodule);
-      target->layer->add_adapter(adapter_name, plan.options);
-      report.entries.push_back({plan.name, false, plan.options.r(), plan.options.alpha(), plan.options.scaling()});
+      auto* target = find_target(selection.name);
+      if (target == nullptr) target = &add_target(selection.name, by_name.at(selection.name));
+      target->layer->add_adapter(adapter_name, options);
+      report.entries.push_back({selection.name, false, options.r(), options.alpha(), options.scaling()});
     }
     refresh();
     return report;

@@ -13,6 +13,7 @@
 #include <c10/util/Exception.h>
 
 #include <lora/config.hpp>
+#include <lora/detail/strings.hpp>
 
 namespace lora {
 
@@ -115,5 +116,46 @@ class TargetMatcher {
   std::vector<std::pair<std::regex, int64_t>> rank_regexes_;
   std::vector<std::pair<std::regex, double>> alpha_regexes_;
 };
+
+/// One module the config selects, with the options it gets.
+struct Selection {
+  std::string name;
+  bool saved = false;  ///< modules_to_save (trained in full) rather than a low-rank adapter
+  LoRAOptions options;
+};
+
+/// Applies a config to a model's modules, given in model order with whether each is linear.
+/// Selected modules are targets (or, for all-linear, linear modules but the last one, the
+/// output head) that are not excluded, plus the saved modules; a saved module gets no adapter.
+/// Throws, naming the targets and listing the linear modules, when no module would be adapted;
+/// `who` and `what_linear` make the message ("lora::inject", "linear modules in the model").
+inline std::vector<Selection> select_modules(const TargetMatcher& matcher,
+                                             const std::vector<std::pair<std::string, bool>>& modules,
+                                             const char* who, const char* what_linear) {
+  const auto& config = matcher.config();
+  std::vector<std::string> linear_names;
+  for (const auto& [name, linear] : modules) {
+    if (linear) linear_names.push_back(name);
+  }
+  const std::string output_head = config.all_linear() && !linear_names.empty() ? linear_names.back() : "";
+
+  std::vector<Selection> selected;
+  for (const auto& [name, linear] : modules) {
+    if (matcher.is_excluded(name)) continue;
+    const bool saved = matcher.is_saved(name);
+    const bool targeted = config.all_linear() ? linear && name != output_head && matcher.in_selected_layer(name)
+                                              : matcher.is_target(name);
+    if (saved || targeted) selected.push_back({name, saved, matcher.options_for(name)});
+  }
+  const bool any_adapted =
+      std::any_of(selected.begin(), selected.end(), [](const Selection& selection) { return !selection.saved; });
+  TORCH_CHECK(any_adapted, who, ": no module matches the targets (",
+              config.target_regex().empty() ? detail::join(config.target_modules()) : config.target_regex(), "); ",
+              what_linear, ": ", detail::join(linear_names));
+  for (const auto& selection : selected) {
+    if (!selection.saved) selection.options.validate();
+  }
+  return selected;
+}
 
 }  // namespace lora
