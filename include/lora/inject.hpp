@@ -247,6 +247,49 @@ inline torch::OrderedDict<std::string, at::Tensor> adapter_state_dict(const torc
   return state;
 }
 
+/// Copies adapter tensors saved under PEFT's file keys (as `adapter_state_dict` writes them)
+/// into adapter `name`, which must already be attached (by `inject` with a matching config).
+/// Every key of `state` must belong to the adapter and every adapter tensor must be present,
+/// with the same shape; otherwise nothing is copied and the error lists the offending keys.
+inline void load_adapter_state_dict(torch::nn::Module& model, const torch::OrderedDict<std::string, at::Tensor>& state,
+                                    const std::string& name = "default",
+                                    const std::string& prefix = "base_model.model.") {
+  detail::check_model_adapter(model, name, "load");
+  std::vector<std::pair<at::Tensor, at::Tensor>> copies;
+  std::vector<std::string> missing;
+  size_t used = 0;
+  for (const auto& [path, layer] : lora_layers(model)) {
+    if (!layer->has_adapter(name)) continue;
+    for (const auto& [key, tensor] : layer->adapter_state(name)) {
+      const auto full = prefix + (path.empty() ? key : path + "." + key);
+      const auto* source = state.find(full);
+      if (source == nullptr) {
+        missing.push_back(full);
+        continue;
+      }
+      TORCH_CHECK(source->sizes() == tensor.sizes(), "lora: adapter tensor '", full, "' has shape ", source->sizes(),
+                  " but adapter '", name, "' expects ", tensor.sizes());
+      copies.emplace_back(tensor, *source);
+      ++used;
+    }
+  }
+  TORCH_CHECK(missing.empty(), "lora: the adapter state lacks ", missing.size(), " tensor(s) of adapter '", name,
+              "': ", detail::join(missing));
+  if (used != state.size()) {
+    std::vector<std::string> unknown;
+    for (const auto& item : state) {
+      const bool known = std::any_of(copies.begin(), copies.end(), [&](const auto& copy) {
+        return copy.second.is_same(item.value());
+      });
+      if (!known) unknown.push_back(item.key());
+    }
+    TORCH_CHECK(false, "lora: the adapter state has ", unknown.size(), " tensor(s) adapter '", name,
+                "' does not: ", detail::join(unknown));
+  }
+  torch::NoGradGuard no_grad;
+  for (auto& [destination, source] : copies) destination.copy_(source);
+}
+
 /// The model's parameters and buffers under the names of the model without adapters:
 /// `….query.base_layer.weight` becomes `….query.weight`; adapter tensors are left out.
 /// After `merge_and_unload` this is the merged model's plain state dict.

@@ -1,0 +1,252 @@
+#pragma once
+
+/// \file
+/// Hugging Face BERT checkpoint folders (`config.json` + `model.safetensors`, optionally
+/// sharded): load them into `BertForSequenceClassification`, save a model back, import weights
+/// from a TorchScript BERT.
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <c10/util/Exception.h>
+#include <nlohmann/json.hpp>
+#include <torch/nn/init.h>
+#include <torch/script.h>
+
+#include <lora/detail/strings.hpp>
+#include <lora/inject.hpp>
+#include <lora/io/safetensors.hpp>
+#include <lora/models/bert.hpp>
+
+namespace lora::models {
+
+/// What a checkpoint load did besides copying matching tensors.
+struct LoadReport {
+  std::vector<std::string> initialized;  ///< model tensors the checkpoint lacked and that were initialised
+  std::vector<std::string> ignored;      ///< checkpoint tensors known not to belong here (pretraining heads)
+};
+
+/// How strict a load is.
+struct LoadOptions {
+  /// Refuse missing or unexpected keys (other than the tolerated ones). Default true.
+  bool strict = true;
+  /// Where notices go (initialised classifier, ignored pretraining heads); nullptr: silent.
+  std::ostream* log = &std::cerr;
+};
+
+/// Initialises weights as transformers' `BertPreTrainedModel._init_weights` does: linear and
+/// embedding weights N(0, σ), biases 0, LayerNorm 1 and 0, the padding embedding row 0.
+inline void init_bert_weights(torch::nn::Module& model, double initializer_range = 0.02,
+                              int64_t pad_token_id = 0) {
+  torch::NoGradGuard no_grad;
+  for (auto& item : lora::base_state_dict(model)) {
+    const auto& key = item.key();
+    auto& tensor = item.value();
+    const bool norm = key.find("LayerNorm.") != std::string::npos;
+    const bool bias = key.size() >= 4 && key.compare(key.size() - 4, 4, "bias") == 0;
+    if (norm) {
+      bias ? tensor.zero_() : tensor.fill_(1.0);
+    } else if (bias) {
+      tensor.zero_();
+    } else {
+      tensor.normal_(0.0, initializer_range);
+      if (key.find("word_embeddings.weight") != std::string::npos) tensor[pad_token_id].zero_();
+    }
+  }
+}
+
+namespace detail {
+
+/// transformers' renames for old checkpoints: LayerNorm gamma/beta.
+inline std::string modern_key(std::string key) {
+  auto replace_suffix = [&](const std::string& from, const std::string& to) {
+    if (key.size() >= from.size() && key.compare(key.size() - from.size(), from.size(), from) == 0) {
+      key = key.substr(0, key.size() - from.size()) + to;
+    }
+  };
+  replace_suffix("LayerNorm.gamma", "LayerNorm.weight");
+  replace_suffix("LayerNorm.beta", "LayerNorm.bias");
+  return key;
+}
+
+inline bool starts_with(const std::string& text, const std::string& prefix) {
+  return text.compare(0, prefix.size(), prefix) == 0;
+}
+
+}  // namespace detail
+
+/// Copies a Hugging Face BERT state dict into `model` (all its tensors, by transformers' names).
+///
+/// Accepted besides exact keys: a checkpoint of a plain `BertModel` (keys without `bert.`),
+/// old `LayerNorm.gamma/beta` names, pretraining heads (`cls.*`) and `position_ids` (ignored),
+/// and a missing `classifier` (initialised as transformers does, with a notice). Anything else
+/// missing or unexpected is an error listing the keys (unless `options.strict` is false); a
+/// shape mismatch names the key and both shapes. Nothing is copied when a check fails.
+inline LoadReport load_bert_state(BertForSequenceClassificationImpl& model,
+                                  const torch::OrderedDict<std::string, at::Tensor>& checkpoint,
+                                  const LoadOptions& options = {}, const std::string& where = "checkpoint") {
+  auto targets = lora::base_state_dict(model);
+  const bool has_bert_prefix = std::any_of(checkpoint.begin(), checkpoint.end(), [](const auto& item) {
+    return detail::starts_with(item.key(), "bert.");
+  });
+  LoadReport report;
+  std::vector<std::pair<at::Tensor, at::Tensor>> copies;  // (destination, source)
+  std::set<std::string> found;
+  std::vector<std::string> unexpected;
+  for (const auto& item : checkpoint) {
+    auto key = detail::modern_key(item.key());
+    if (!has_bert_prefix && !detail::starts_with(key, "classifier.")) key = "bert." + key;
+    if (detail::starts_with(key, "cls.") || detail::starts_with(key, "bert.cls.") ||
+        key.find("embeddings.position_ids") != std::string::npos) {
+      report.ignored.push_back(item.key());
+      continue;
+    }
+    const auto* target = targets.find(key);
+    if (target == nullptr) {
+      unexpected.push_back(item.key());
+      continue;
+    }
+    TORCH_CHECK(target->sizes() == item.value().sizes(), "BERT checkpoint ", where, ": '", item.key(), "' has shape ",
+                item.value().sizes(), " but the model expects ", target->sizes());
+    found.insert(key);
+    copies.emplace_back(*target, item.value());
+  }
+  std::vector<std::string> missing;
+  for (const auto& item : targets) {
+    if (found.count(item.key())) continue;
+    if (detail::starts_with(item.key(), "classifier.")) {
+      report.initialized.push_back(item.key());
+    } else {
+      missing.push_back(item.key());
+    }
+  }
+  if (options.strict) {
+    TORCH_CHECK(missing.empty(), "BERT checkpoint ", where, " lacks ", missing.size(), " tensor(s): ",
+                lora::detail::join(missing));
+    TORCH_CHECK(unexpected.empty(), "BERT checkpoint ", where, " has ", unexpected.size(),
+                " tensor(s) this model does not: ", lora::detail::join(unexpected));
+  }
+
+  torch::NoGradGuard no_grad;
+  for (auto& [destination, source] : copies) destination.copy_(source);
+  if (!report.initialized.empty()) {
+    for (const auto& key : report.initialized) {
+      auto tensor = targets[key];
+      key.size() >= 4 && key.compare(key.size() - 4, 4, "bias") == 0 ? tensor.zero_() : tensor.normal_(0.0, 0.02);
+    }
+    if (options.log) {
+      *options.log << "lora: " << where << " has no classifier; initialised " << lora::detail::join(report.initialized)
+                   << " (train it, e.g. with modules_to_save {\"classifier\"})\n";
+    }
+  }
+  return report;
+}
+
+/// Reads every tensor of a checkpoint folder: `model.safetensors`, or the shards listed in
+/// `model.safetensors.index.json`. A folder with only `pytorch_model.bin` is refused with the
+/// command that converts it.
+inline torch::OrderedDict<std::string, at::Tensor> read_checkpoint_tensors(const std::string& folder) {
+  namespace fs = std::filesystem;
+  const fs::path dir(folder);
+  TORCH_CHECK(fs::is_directory(dir), "BERT checkpoint: '", folder, "' is not a folder");
+  torch::OrderedDict<std::string, at::Tensor> tensors("checkpoint tensor");
+  if (fs::exists(dir / "model.safetensors")) {
+    return io::load_safetensors((dir / "model.safetensors").string(), at::kFloat).tensors;
+  }
+  if (fs::exists(dir / "model.safetensors.index.json")) {
+    std::ifstream in(dir / "model.safetensors.index.json");
+    nlohmann::json index;
+    try {
+      in >> index;
+    } catch (const nlohmann::json::exception& error) {
+      TORCH_CHECK(false, "BERT checkpoint: invalid model.safetensors.index.json in '", folder, "': ", error.what());
+    }
+    TORCH_CHECK(index.contains("weight_map") && index["weight_map"].is_object(),
+                "BERT checkpoint: model.safetensors.index.json in '", folder, "' has no weight_map");
+    std::set<std::string> shards;
+    for (const auto& [name, file] : index["weight_map"].items()) shards.insert(file.get<std::string>());
+    for (const auto& shard : shards) {
+      TORCH_CHECK(shard.find('/') == std::string::npos && shard.find("..") == std::string::npos,
+                  "BERT checkpoint: shard name '", shard, "' in '", folder, "' must be a plain file name");
+      for (const auto& item : io::load_safetensors((dir / shard).string(), at::kFloat).tensors) {
+        tensors.insert(item.key(), item.value());
+      }
+    }
+    return tensors;
+  }
+  TORCH_CHECK(!fs::exists(dir / "pytorch_model.bin"), "BERT checkpoint: '", folder,
+              "' has only pytorch_model.bin, which LibTorch cannot read (it is a pickled Python state dict). "
+              "Convert it once with Python: python -c \"import torch; from safetensors.torch import save_file; "
+              "save_file({k: v.contiguous() for k, v in torch.load('pytorch_model.bin', map_location='cpu').items()}, "
+              "'model.safetensors', metadata={'format': 'pt'})\" (run inside the folder), or load it with "
+              "transformers and call save_pretrained(folder, safe_serialization=True)");
+  TORCH_CHECK(false, "BERT checkpoint: '", folder, "' has no model.safetensors");
+  return tensors;
+}
+
+/// Loads a Hugging Face BERT folder (config.json + model.safetensors) as
+/// `BertForSequenceClassification`, in float32 on the CPU (move it with `->to(device)`).
+///
+///     auto model = lora::models::load_bert_for_sequence_classification("bert-base-uncased");
+inline BertForSequenceClassification load_bert_for_sequence_classification(const std::string& folder,
+                                                                           const LoadOptions& options = {}) {
+  namespace fs = std::filesystem;
+  const auto config_path = fs::path(folder) / "config.json";
+  TORCH_CHECK(fs::exists(config_path), "BERT checkpoint: '", folder, "' has no config.json");
+  BertForSequenceClassification model(BertConfig::from_file(config_path.string()));
+  load_bert_state(*model, read_checkpoint_tensors(folder), options, "'" + folder + "'");
+  return model;
+}
+
+/// Imports the weights of a TorchScript BERT (a transformers model traced and saved with
+/// `torch.jit.save`) by parameter name.
+inline LoadReport load_bert_state_from_torchscript(BertForSequenceClassificationImpl& model,
+                                                   const torch::jit::Module& scripted, const LoadOptions& options = {}) {
+  torch::OrderedDict<std::string, at::Tensor> state("scripted tensor");
+  for (const auto& item : scripted.named_parameters()) state.insert(item.name, item.value.detach());
+  for (const auto& item : scripted.named_buffers()) state.insert(item.name, item.value.detach());
+  return load_bert_state(model, state, options, "TorchScript module");
+}
+
+/// Writes `model` as a Hugging Face folder: config.json and model.safetensors (float32,
+/// metadata {"format": "pt"}), plus vocab.txt when `vocab_file` is given. Adapters must be
+/// merged away first (`lora::merge_and_unload`) so that the folder is a plain model that
+/// transformers loads. Files are written atomically.
+inline void save_bert(BertForSequenceClassificationImpl& model, const std::string& folder,
+                      const std::string& vocab_file = "") {
+  namespace fs = std::filesystem;
+  for (const auto& [name, layer] : lora::lora_layers(model)) {
+    const auto names = layer->adapter_names();
+    const auto& merged = layer->merged_adapters();
+    for (const auto& adapter : names) {
+      TORCH_CHECK(std::find(merged.begin(), merged.end(), adapter) != merged.end(), "save_bert: layer '", name,
+                  "' has unmerged adapter '", adapter,
+                  "'; call lora::merge_and_unload(model) first (or save the adapter alone)");
+    }
+  }
+  fs::create_directories(folder);
+  torch::OrderedDict<std::string, at::Tensor> tensors("tensor");
+  for (const auto& item : lora::base_state_dict(model)) tensors.insert(item.key(), item.value().to(at::kFloat));
+  io::save_safetensors((fs::path(folder) / "model.safetensors").string(), tensors, {{"format", "pt"}});
+
+  const auto config_path = (fs::path(folder) / "config.json").string();
+  const auto temporary = config_path + ".tmp-" + std::to_string(::getpid());
+  {
+    std::ofstream out(temporary);
+    out << model.config.to_json().dump(2) << "\n";
+    TORCH_CHECK(out.good(), "save_bert: cannot write '", temporary, "'");
+  }
+  TORCH_CHECK(std::rename(temporary.c_str(), config_path.c_str()) == 0, "save_bert: cannot replace '", config_path,
+              "'");
+  if (!vocab_file.empty()) {
+    fs::copy_file(vocab_file, fs::path(folder) / "vocab.txt", fs::copy_options::overwrite_existing);
+  }
+}
+
+}  // namespace lora::models
