@@ -4,6 +4,7 @@
 #include <sstream>
 
 #include <lora/io/peft.hpp>
+#include <lora/io/peft_jit.hpp>
 #include <lora/models/bert_checkpoint.hpp>
 
 #include "test_helpers.hpp"
@@ -249,6 +250,48 @@ TEST_F(PeftTest, AFailedSaveKeepsThePreviousAdapter) {
                           "cannot save unknown adapter 'missing'");
   EXPECT_EQ(read_all(path("kept/adapter_model.safetensors")), before);
   EXPECT_FALSE(fs::exists(path("kept/missing")));
+}
+
+TEST_F(PeftTest, TorchScriptModulesSaveAndLoadTheSameFiles) {
+  TinyBert native;
+  const auto lora = LoraConfig(LoRAOptions(4).alpha(6).use_dora(true))
+                        .target_modules({"query", "value"})
+                        .rank_pattern({{"value", 2}})
+                        .modules_to_save({"classifier"});
+  lora::inject(*native, lora);
+  perturb_trainable(*native);
+  lora::io::save_adapter(*native, adapter_config(lora), path("native"));
+  const auto x = torch::randn({3, 5, lora::testing::kHidden});
+  const auto expected = native(x).detach();
+
+  // native → TorchScript
+  lora::unload(*native);
+  auto scripted = lora::testing::scripted_twin(native);
+  auto adapters = lora::io::load_jit_adapter(scripted, path("native"));
+  EXPECT_LT(max_abs_diff(scripted.forward({x}).toTensor(), expected), 1e-5);
+  EXPECT_EQ(adapters.parameters().size(), 4u * 3u + 2u);
+
+  // TorchScript → files → native
+  lora::io::save_adapter(adapters, adapter_config(lora), path("scripted"));
+  const auto a = lora::io::load_safetensors(path("native/adapter_model.safetensors")).tensors;
+  const auto b = lora::io::load_safetensors(path("scripted/adapter_model.safetensors")).tensors;
+  ASSERT_EQ(a.size(), b.size());
+  for (const auto& item : a) EXPECT_TRUE(torch::equal(item.value(), b[item.key()])) << item.key();
+  lora::io::load_adapter(*native, path("scripted"));
+  EXPECT_LT(max_abs_diff(native(x), expected), 1e-6);
+
+  // A bad file changes nothing in a fresh scripted module.
+  auto fresh = lora::testing::scripted_twin(native);
+  const auto before = fresh.forward({x}).toTensor().detach();
+  lora::JitAdapters empty(fresh);
+  std::ofstream(path("scripted/adapter_config.json"), std::ios::trunc)
+      << R"({"peft_type": "LORA", "r": 4, "lora_alpha": 6, "use_dora": true, "target_modules": ["query", "value", "key"],
+            "modules_to_save": ["classifier"], "task_type": "SEQ_CLS", "rank_pattern": {"value": 2}})";
+  LORA_EXPECT_THROWS_WITH(lora::io::load_adapter(empty, path("scripted")),
+                          "the adapter state lacks 6 tensor(s) of adapter 'default'");
+  EXPECT_TRUE(empty.target_names().empty());
+  for (const auto& item : fresh.named_parameters()) EXPECT_TRUE(item.value.is_leaf()) << item.name;
+  EXPECT_TRUE(torch::equal(fresh.forward({x}).toTensor(), before));
 }
 
 TEST_F(PeftTest, LoadsPeftsAdapterAndReplaysItsTraining) {

@@ -58,38 +58,18 @@ class JitAdapters {
     return adapters;
   }
 
+  /// Adapters for `module`, none attached yet (see `add_adapter`).
+  explicit JitAdapters(torch::jit::Module& module) : module_(module), root_(std::make_shared<torch::nn::Module>()) {}
+
   /// Attaches another adapter to the same scripted module (inactive until `set_adapter`).
   InjectionReport add_adapter(const LoraConfig& config, const std::string& adapter_name) {
-    const TargetMatcher matcher(config);
+    const auto selected = plan(config, adapter_name);
+    std::map<std::string, torch::jit::Module> by_name;
+    for (const auto& item : module_.named_modules()) by_name.emplace(item.name, item.value);
+
     TORCH_CHECK(config.adapter().dropout() == 0.0, "lora::JitAdapters: dropout must be 0 for TorchScript modules (got ",
                 config.adapter().dropout(),
                 "): adapters are applied by re-parametrising weights, which cannot drop out the adapter's input alone");
-
-    std::vector<std::pair<std::string, bool>> names;
-    std::map<std::string, torch::jit::Module> by_name;
-    for (const auto& item : module_.named_modules()) {
-      if (item.name.empty()) continue;
-      names.emplace_back(item.name, is_linear(item.value));
-      by_name.emplace(item.name, item.value);
-    }
-    const auto selected =
-        select_modules(matcher, names, "lora::JitAdapters", "Linear modules in the scripted module");
-    for (const auto& selection : selected) {
-      const auto& name = selection.name;
-      const auto& submodule = by_name.at(name);
-      if (selection.saved) {
-        TORCH_CHECK(!find_saved(name), "lora::JitAdapters: module '", name, "' is already saved by adapter '",
-                    find_saved(name)->adapter, "'; one saved copy per module is supported for TorchScript");
-        continue;
-      }
-      TORCH_CHECK(is_linear(submodule), "lora::JitAdapters: module '", name, "' (",
-                  submodule.type()->name()->qualifiedName(),
-                  ") matches the targets but is not a Linear (a module of type *.Linear with a 2-D weight)");
-      if (const auto* existing = find_target(name)) {
-        TORCH_CHECK(!existing->layer->has_adapter(adapter_name), "lora::JitAdapters: adapter '", adapter_name,
-                    "' is already attached to '", name, "'");
-      }
-    }
 
     if (targets_.empty() && saved_.empty()) {
       for (const auto& parameter : module_.parameters()) parameter.requires_grad_(false);
@@ -111,6 +91,43 @@ class JitAdapters {
     refresh();
     return report;
   }
+
+  /// What `add_adapter(config, adapter_name)` would attach, checked in full, without changing
+  /// anything: the selected modules and their options.
+  std::vector<Selection> plan(const LoraConfig& config, const std::string& adapter_name) const {
+    const TargetMatcher matcher(config);
+    TORCH_CHECK(config.adapter().dropout() == 0.0, "lora::JitAdapters: dropout must be 0 for TorchScript modules (got ",
+                config.adapter().dropout(),
+                "): adapters are applied by re-parametrising weights, which cannot drop out the adapter's input alone");
+    std::vector<std::pair<std::string, bool>> names;
+    std::map<std::string, torch::jit::Module> by_name;
+    for (const auto& item : module_.named_modules()) {
+      if (item.name.empty()) continue;
+      names.emplace_back(item.name, is_linear(item.value));
+      by_name.emplace(item.name, item.value);
+    }
+    auto selected = select_modules(matcher, names, "lora::JitAdapters", "Linear modules in the scripted module");
+    for (const auto& selection : selected) {
+      const auto& name = selection.name;
+      const auto& submodule = by_name.at(name);
+      if (selection.saved) {
+        TORCH_CHECK(!find_saved(name), "lora::JitAdapters: module '", name, "' is already saved by adapter '",
+                    find_saved(name)->adapter, "'; one saved copy per module is supported for TorchScript");
+        continue;
+      }
+      TORCH_CHECK(is_linear(submodule), "lora::JitAdapters: module '", name, "' (",
+                  submodule.type()->name()->qualifiedName(),
+                  ") matches the targets but is not a Linear (a module of type *.Linear with a 2-D weight)");
+      for (const auto& target : targets_) {
+        TORCH_CHECK(target.name != name || !target.layer->has_adapter(adapter_name), "lora::JitAdapters: adapter '",
+                    adapter_name, "' is already attached to '", name, "'");
+      }
+    }
+    return selected;
+  }
+
+  /// The scripted module the adapters act on.
+  const torch::jit::Module& module() const { return module_; }
 
   /// Writes each targeted submodule's adapted weight (W + s·B·A of its active adapters) into
   /// the scripted module. Call it before every forward pass while the adapters train: the
@@ -201,8 +218,6 @@ class JitAdapters {
   }
 
  private:
-  explicit JitAdapters(torch::jit::Module& module) : module_(module), root_(std::make_shared<torch::nn::Module>()) {}
-
   struct Target {
     std::string name;
     torch::jit::Module submodule;

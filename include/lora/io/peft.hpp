@@ -262,16 +262,24 @@ inline void write_text_atomically(const std::filesystem::path& path, const std::
 
 }  // namespace detail
 
-/// Writes adapter `name` of `model` as PEFT does: `dir/adapter_config.json` and
-/// `dir/adapter_model.safetensors` (`dir/<name>/…` for a name other than "default"). `config`
-/// is the configuration the adapter was attached with. Both files are written atomically.
-inline void save_adapter(const torch::nn::Module& model, const AdapterConfig& config, const std::string& dir,
-                         const std::string& name = "default") {
-  const auto tensors = adapter_state_dict(model, name);
-  const auto folder = detail::adapter_folder(dir, name);
+namespace detail {
+
+/// Writes the two files of an adapter folder, each atomically.
+inline void write_adapter_folder(const std::filesystem::path& folder, const AdapterConfig& config,
+                                 const torch::OrderedDict<std::string, at::Tensor>& tensors) {
   std::filesystem::create_directories(folder);
   save_safetensors((folder / "adapter_model.safetensors").string(), tensors, {{"format", "pt"}});
-  detail::write_text_atomically(folder / "adapter_config.json", config.to_json().dump(2) + "\n");
+  write_text_atomically(folder / "adapter_config.json", config.to_json().dump(2) + "\n");
+}
+
+}  // namespace detail
+
+/// Writes adapter `name` of `model` as PEFT does: `dir/adapter_config.json` and
+/// `dir/adapter_model.safetensors` (`dir/<name>/…` for a name other than "default"). `config`
+/// is the configuration the adapter was attached with. Each file is written atomically.
+inline void save_adapter(const torch::nn::Module& model, const AdapterConfig& config, const std::string& dir,
+                         const std::string& name = "default") {
+  detail::write_adapter_folder(detail::adapter_folder(dir, name), config, adapter_state_dict(model, name));
 }
 
 /// Reads `adapter_config.json` of an adapter folder.
@@ -289,32 +297,31 @@ inline AdapterConfig read_adapter_config(const std::string& dir, const std::stri
   return AdapterConfig::from_json(json, path.string(), warn);
 }
 
-/// Attaches adapter `name` from a PEFT adapter folder to `model` and loads its tensors.
-///
-/// Everything is checked before the model keeps any change: the config (peft_type, values),
-/// every tensor key against the model's module paths, each `lora_A` rank against `r` /
-/// `rank_pattern`, missing tensors, shapes. On any error the model is left as it was.
-/// Returns what was attached where.
-inline InjectionReport load_adapter(torch::nn::Module& model, const std::string& dir,
-                                    const std::string& name = "default", std::ostream* warn = &std::cerr) {
-  auto config = read_adapter_config(dir, name, warn);
-  const auto file = (detail::adapter_folder(dir, name) / "adapter_model.safetensors").string();
-  const auto tensors = load_safetensors(file).tensors;
+namespace detail {
 
-  // modules_to_save implied by SEQ_CLS count only when the model has them and the file holds
-  // their tensors (PEFT's "score" is for other architectures; PEFT itself loads leniently).
+/// Reads an adapter folder for loading into a model with these module names: the LoraConfig
+/// to attach (SEQ_CLS's implied saved modules included when present in both the model and the
+/// file, as PEFT's "score" is for other architectures; init "default" so that no
+/// initialisation rewrites base weights) and the tensors, whose keys and `lora_A` ranks are
+/// checked against the config.
+inline std::pair<LoraConfig, torch::OrderedDict<std::string, at::Tensor>> read_for_loading(
+    const std::string& dir, const std::string& name, const std::vector<std::string>& module_names,
+    std::ostream* warn) {
+  const auto config = read_adapter_config(dir, name, warn);
+  const auto file = (adapter_folder(dir, name) / "adapter_model.safetensors").string();
+  auto tensors = load_safetensors(file).tensors;
   const std::string prefix = "base_model.model.";
+
   std::vector<std::string> saved;
-  const auto modules = model.named_modules("", false);
   const auto& listed = config.lora.modules_to_save();
   for (const auto& candidate : config.effective_modules_to_save()) {
     if (std::find(listed.begin(), listed.end(), candidate) != listed.end()) {
       saved.push_back(candidate);
       continue;
     }
-    const bool present = std::any_of(modules.begin(), modules.end(), [&](const auto& module) {
-      if (!name_matches(module.key(), candidate)) return false;
-      const auto inside = prefix + module.key() + ".";
+    const bool present = std::any_of(module_names.begin(), module_names.end(), [&](const std::string& module) {
+      if (!name_matches(module, candidate)) return false;
+      const auto inside = prefix + module + ".";
       return std::any_of(tensors.begin(), tensors.end(),
                          [&](const auto& item) { return item.key().compare(0, inside.size(), inside) == 0; });
     });
@@ -322,7 +329,6 @@ inline InjectionReport load_adapter(torch::nn::Module& model, const std::string&
   }
   auto lora = config.lora;
   lora.modules_to_save(saved);
-  // The tensors overwrite the initial values: never let an init rewrite the base weights.
   lora.adapter(LoRAOptions(lora.adapter()).init("default"));
 
   const TargetMatcher matcher(lora);
@@ -339,6 +345,23 @@ inline InjectionReport load_adapter(torch::nn::Module& model, const std::string&
                   ", but adapter_config.json gives module '", path, "' r=", expected);
     }
   }
+  return {lora, tensors};
+}
+
+}  // namespace detail
+
+/// Attaches adapter `name` from a PEFT adapter folder to `model` and loads its tensors.
+///
+/// Everything is checked before the model keeps any change: the config (peft_type, values),
+/// every tensor key against the model's module paths, each `lora_A` rank against `r` /
+/// `rank_pattern`, missing tensors, shapes. On any error the model is left as it was.
+/// Returns what was attached where.
+inline InjectionReport load_adapter(torch::nn::Module& model, const std::string& dir,
+                                    const std::string& name = "default", std::ostream* warn = &std::cerr) {
+  std::vector<std::string> module_names;
+  for (const auto& item : model.named_modules("", false)) module_names.push_back(item.key());
+  const auto [lora, tensors] = detail::read_for_loading(dir, name, module_names, warn);
+  const std::string prefix = "base_model.model.";
 
   // Remember what inject changes beyond the new adapter, to undo it on failure.
   std::vector<std::pair<at::Tensor, bool>> flags;
