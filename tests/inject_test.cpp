@@ -332,3 +332,31 @@ TEST_F(InjectTest, ErrorsNameWhatWasWrong) {
                           "adapter 'default' is already attached to 'encoder.layer.0.attention.self.query'");
   EXPECT_EQ(adapter_names_of(*model).size(), 2u) << "the failed second inject attached nothing";
 }
+
+TEST_F(InjectTest, LayerChecksRunBeforeAnyLayerChanges) {
+  TinyBert model;
+  const auto state = lora::base_state_dict(*model);
+  std::map<std::string, torch::Tensor> before;
+  for (const auto& item : state) before[item.key()] = item.value().detach().clone();
+  // PiSSA rewrites base weights; the classifier (2 outputs) cannot take rank 4: refuse first.
+  LORA_EXPECT_THROWS_WITH(
+      lora::inject(*model, LoraConfig(LoRAOptions(4).alpha(8).init("pissa")).target_modules({"query", "classifier"})),
+      "module 'classifier': LoRALinear: rank 4 exceeds min(in_features, out_features) = 2");
+  for (const auto& item : lora::base_state_dict(*model)) {
+    EXPECT_TRUE(torch::equal(item.value(), before[item.key()])) << item.key() << " changed";
+  }
+  EXPECT_TRUE(adapter_names_of(*model).empty());
+}
+
+TEST_F(InjectTest, LoadingIntoAMergedAdapterIsRefused) {
+  TinyBert model;
+  lora::inject(*model, LoraConfig(LoRAOptions(2).alpha(4)).target_modules({"query"}));
+  const auto state = lora::adapter_state_dict(*model);
+  torch::OrderedDict<std::string, torch::Tensor> copy;
+  for (const auto& item : state) copy.insert(item.key(), item.value().detach().clone());
+  lora::merge(*model);
+  LORA_EXPECT_THROWS_WITH(lora::load_adapter_state_dict(*model, copy),
+                          "cannot load adapter 'default' while it is merged into 'encoder.layer.0.attention.self.query'");
+  lora::unmerge(*model);
+  EXPECT_NO_THROW(lora::load_adapter_state_dict(*model, copy));
+}

@@ -351,3 +351,54 @@ TEST_F(LoRALinearTest, ZeroDropoutIsTheSameInTrainingAndEvaluation) {
   layer->eval();
   EXPECT_TRUE(torch::equal(layer(x), training));
 }
+
+TEST_F(LoRALinearTest, SafeMergeOfSeveralAdaptersIsAllOrNothing) {
+  torch::nn::Linear base(8, 4);
+  const auto W0 = base->weight.detach().clone();
+  lora::LoRALinear<> layer(base, LoRAOptions(2).alpha(3));
+  layer->add_adapter("broken", LoRAOptions(2).alpha(3));
+  randomize_B(layer);
+  {
+    torch::NoGradGuard no_grad;
+    layer->lora_B("broken").fill_(std::numeric_limits<float>::infinity());
+  }
+  LORA_EXPECT_THROWS_WITH(layer->merge({"default", "broken"}, /*safe_merge=*/true), "merging adapter 'broken'");
+  EXPECT_FALSE(layer->merged()) << "the merge of 'default' must be undone";
+  EXPECT_LT(max_abs_diff(base->weight, W0), 1e-6);
+}
+
+TEST_F(LoRALinearTest, SwitchingAwayFromAMergedAdapterUnmergesIt) {
+  torch::nn::Linear base(8, 4);
+  const auto W0 = base->weight.detach().clone();
+  lora::LoRALinear<> layer(base, LoRAOptions(2).alpha(3));
+  layer->add_adapter("other", LoRAOptions(2).alpha(3));
+  randomize_B(layer, "default");
+  randomize_B(layer, "other");
+  const auto x = torch::randn({3, 8});
+  layer->set_adapter("other");
+  const auto only_other = layer(x).detach();
+  layer->set_adapter("default");
+  layer->merge();
+  layer->set_adapter("other");  // "default" must leave the weight
+  EXPECT_FALSE(layer->merged());
+  EXPECT_LT(max_abs_diff(base->weight, W0), 1e-6);
+  EXPECT_LT(max_abs_diff(layer(x), only_other), 1e-5);
+  layer->enable_adapters(false);
+  LORA_EXPECT_THROWS_WITH(layer->merge(), "cannot merge while adapters are disabled");
+}
+
+TEST_F(LoRALinearTest, CloneOfAMergedLayerStaysMerged) {
+  torch::nn::Linear base(8, 4);
+  lora::LoRALinear<> layer(base, LoRAOptions(2).alpha(3).use_dora(true));
+  randomize_B(layer);
+  const auto x = torch::randn({3, 8});
+  const auto adapted = layer(x).detach();
+  layer->merge();
+  auto copy = std::dynamic_pointer_cast<lora::LoRALinearImpl<>>(layer->clone());
+  EXPECT_EQ(copy->merged_adapters(), std::vector<std::string>{"default"});
+  EXPECT_LT(max_abs_diff(copy->forward(x), adapted), 1e-5);
+  copy->unmerge();
+  EXPECT_LT(max_abs_diff(copy->forward(x), adapted), 1e-5);
+  layer->unmerge();
+  EXPECT_LT(max_abs_diff(copy->base_weight(), layer->base_weight()), 1e-5);
+}

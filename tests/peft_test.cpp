@@ -240,6 +240,32 @@ TEST_F(PeftTest, BadFilesAreRefusedAndTheModelIsLeftAlone) {
   EXPECT_TRUE(torch::equal(twin(x), model(x)));
 }
 
+TEST_F(PeftTest, PatternsKeepTheirFileOrderAndExclusionsRoundTrip) {
+  fs::create_directories(path("ordered"));
+  std::ofstream(path("ordered/adapter_config.json"))
+      << R"({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["query"],
+            "alpha_pattern": {"query": 32, "layer.0.attention.self.query": 8},
+            "exclude_modules": ["encoder.layer.1.attention.self.query"]})";
+  const auto config = lora::io::read_adapter_config(path("ordered"));
+  EXPECT_EQ(config.lora.alpha_pattern(), (lora::AlphaPattern{{"query", 32.0}, {"layer.0.attention.self.query", 8.0}}));
+  const lora::TargetMatcher matcher(config.lora);
+  EXPECT_DOUBLE_EQ(matcher.options_for("encoder.layer.0.attention.self.query").alpha(), 32.0);  // first match wins
+  EXPECT_TRUE(matcher.is_excluded("encoder.layer.1.attention.self.query"));
+  const auto json = config.to_json();
+  EXPECT_EQ(json["exclude_modules"], nlohmann::ordered_json({"encoder.layer.1.attention.self.query"}));
+  EXPECT_EQ(json["alpha_pattern"].dump(), R"({"query":32.0,"layer.0.attention.self.query":8.0})");
+}
+
+TEST_F(PeftTest, PissaAdaptersAreNotLoadedOntoTheOriginalWeights) {
+  auto [model, twin] = twins();
+  const auto lora = LoraConfig(LoRAOptions(2).alpha(4).init("pissa")).target_modules({"query"});
+  lora::inject(*model, lora);
+  lora::io::save_adapter(*model, adapter_config(lora), path("pissa"));
+  LORA_EXPECT_THROWS_WITH(lora::io::load_adapter(*twin, path("pissa")),
+                          "was initialised with 'pissa', which trains against a residual base weight");
+  EXPECT_TRUE(lora::detail::all_adapter_names(*twin).empty());
+}
+
 TEST_F(PeftTest, AFailedSaveKeepsThePreviousAdapter) {
   auto [model, twin] = twins();
   const auto lora = LoraConfig(LoRAOptions(2).alpha(4)).target_modules({"query"});

@@ -153,6 +153,12 @@ inline InjectionReport inject(torch::nn::Module& model, const LoraConfig& config
     }
     TORCH_CHECK(!layer->has_adapter(adapter_name), "lora::inject: adapter '", adapter_name,
                 "' is already attached to '", selection.name, "'");
+    try {  // every layer-level check, before any layer changes
+      selection.saved ? layer->check_add_trainable_copy(adapter_name)
+                      : layer->check_add_adapter(adapter_name, selection.options);
+    } catch (const c10::Error& error) {
+      TORCH_CHECK(false, "lora::inject: module '", selection.name, "': ", error.what_without_backtrace());
+    }
     plans.push_back({std::move(selection), layer});
   }
 
@@ -208,9 +214,21 @@ inline void delete_adapter(torch::nn::Module& model, const std::string& name) {
   }
 }
 
-/// Merges the active adapters of every layer into its base weight.
+/// Merges the active adapters of every layer into its base weight. With `safe_merge`, a layer
+/// whose merge would write NaN/Inf stops the merge and the layers this call merged are
+/// unmerged again.
 inline void merge(torch::nn::Module& model, bool safe_merge = false) {
-  for (const auto& item : lora_layers(model)) item.second->merge({}, safe_merge);
+  std::vector<std::shared_ptr<LoRALayer>> merged_now;
+  try {
+    for (const auto& item : lora_layers(model)) {
+      const bool was_merged = item.second->merged();
+      item.second->merge({}, safe_merge);
+      if (!was_merged && item.second->merged()) merged_now.push_back(item.second);
+    }
+  } catch (...) {
+    for (auto& layer : merged_now) layer->unmerge();
+    throw;
+  }
 }
 
 /// Undoes every merge.
@@ -255,6 +273,11 @@ inline void load_adapter_state_dict(torch::nn::Module& model, const torch::Order
                                     const std::string& name = "default",
                                     const std::string& prefix = "base_model.model.") {
   detail::check_model_adapter(model, name, "load");
+  for (const auto& [path, layer] : lora_layers(model)) {
+    const auto& merged = layer->merged_adapters();
+    TORCH_CHECK(std::find(merged.begin(), merged.end(), name) == merged.end(), "lora: cannot load adapter '", name,
+                "' while it is merged into '", path, "'; call unmerge first");
+  }
   std::vector<std::pair<at::Tensor, at::Tensor>> copies;
   std::vector<std::string> missing;
   size_t used = 0;

@@ -138,9 +138,16 @@ class JitAdapters {
     for (auto& target : targets_) target.submodule.setattr("weight", target.layer->adapted_weight());
   }
 
-  /// Activates `name` (in every targeted submodule that has it) and re-applies the weights.
+  /// Activates `name` (in every targeted submodule that has it) and re-applies the weights;
+  /// saved modules of other adapters go back to their original values.
   void set_adapter(const std::string& name) {
     lora::set_adapter(*root_, name);
+    for (auto& saved : saved_) {
+      restore_saved(saved, saved.adapter == name);
+      for (const auto& item : saved.submodule.named_parameters(/*recurse=*/true)) {
+        item.value.requires_grad_(saved.adapter == name);
+      }
+    }
     refresh();
   }
 

@@ -32,6 +32,10 @@ class LoRALayer {
   /// that adapter is active the copy computes the output and trains; the base layer keeps the
   /// original weights. A layer holds either low-rank adapters or trainable copies.
   virtual void add_trainable_copy(const std::string& name) = 0;
+  /// Throws what `add_adapter` / `add_trainable_copy` would throw, changing nothing: lets a
+  /// caller check a whole plan before touching any layer.
+  virtual void check_add_adapter(const std::string& name, const LoRAOptions& options) const = 0;
+  virtual void check_add_trainable_copy(const std::string& name) const = 0;
   /// True when adapter `name` is a trainable copy rather than a low-rank adapter.
   virtual bool is_trainable_copy(const std::string& name) const = 0;
   /// Removes an adapter and its parameters. It must not be merged. If it was the only active
@@ -44,7 +48,8 @@ class LoRALayer {
   /// The options an adapter was created with.
   virtual const LoRAOptions& adapter_options(const std::string& name) const = 0;
 
-  /// Activates exactly this adapter: its parameters become trainable, the others' frozen.
+  /// Activates exactly this adapter: its parameters become trainable, the others' frozen. A
+  /// merged adapter that is no longer active is unmerged first, as in PEFT.
   virtual void set_adapter(const std::string& name) = 0;
   /// Activates several adapters at once; their deltas are summed.
   virtual void set_adapters(const std::vector<std::string>& names) = 0;
@@ -56,8 +61,9 @@ class LoRALayer {
   virtual bool adapters_enabled() const = 0;
 
   /// Writes the named adapters (by default the active ones) into the base weight; adapters
-  /// already merged are skipped. With `safe_merge`, the merged weight is checked for NaN/Inf
-  /// before anything is written. Names come first so that `merge({"a"})` cannot be read as a
+  /// already merged are skipped. With `safe_merge`, each merged weight is checked for NaN/Inf
+  /// before it is written, and a failure undoes this call's merges: all or nothing. Refused
+  /// while adapters are disabled. Names come first so that `merge({"a"})` cannot be read as a
   /// bool: `merge()`, `merge({"a", "b"})`, `merge({}, /*safe_merge=*/true)`.
   virtual void merge(const std::vector<std::string>& adapter_names = {}, bool safe_merge = false) = 0;
   /// Undoes every merge, most recent first.

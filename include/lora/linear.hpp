@@ -91,6 +91,8 @@ class LoRALinearImpl : public torch::nn::Cloneable<LoRALinearImpl<Base>>, public
   // LoRALayer
   void add_adapter(const std::string& name, const LoRAOptions& options) override;
   void add_trainable_copy(const std::string& name) override;
+  void check_add_adapter(const std::string& name, const LoRAOptions& options) const override;
+  void check_add_trainable_copy(const std::string& name) const override;
   bool is_trainable_copy(const std::string& name) const override;
   void delete_adapter(const std::string& name) override;
   std::vector<std::string> adapter_names() const override;
@@ -145,6 +147,8 @@ class LoRALinearImpl : public torch::nn::Cloneable<LoRALinearImpl<Base>>, public
   const Adapter& adapter(const std::string& name) const;
   void forget_adapters();
   void merge_trainable_copy(const std::string& name, bool safe_merge);
+  void merge_each(const std::vector<std::string>& names, bool safe_merge);
+  void unmerge_last();
   /// The base weight viewed as [out, in] (a transposed view when fan_in_fan_out).
   at::Tensor weight_out_in() const;
   /// s·B·A as [out, in], whatever the base weight's layout.

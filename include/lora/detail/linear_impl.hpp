@@ -56,6 +56,9 @@ void LoRALinearImpl<Base>::build(BaseHolder base) {
 
 template <typename Base>
 void LoRALinearImpl<Base>::reset() {
+  merged_.clear();  // fresh weights hold no merge
+  dora_merge_norms_.clear();
+  copy_merge_originals_.clear();
   build(BaseHolder(std::make_shared<Base>(base_options_)));
   for (const auto& entry : adapters_) {
     if (entry.trainable_copy) {
@@ -82,6 +85,14 @@ std::shared_ptr<torch::nn::Module> LoRALinearImpl<Base>::clone(const c10::option
   auto copied = copy->named_parameters();
   for (const auto& parameter : this->named_parameters()) {
     copied[parameter.key()].requires_grad_(parameter.value().requires_grad());
+  }
+  // reset() cleared the merge state, but the copied weights are merged as ours are.
+  auto& twin = *std::dynamic_pointer_cast<LoRALinearImpl<Base>>(copy);
+  auto own = [&](const at::Tensor& tensor) { return device ? tensor.to(*device) : tensor.clone(); };
+  twin.merged_ = merged_;
+  for (const auto& [name, norm] : dora_merge_norms_) twin.dora_merge_norms_[name] = own(norm);
+  for (const auto& [name, originals] : copy_merge_originals_) {
+    for (const auto& original : originals) twin.copy_merge_originals_[name].push_back(own(original));
   }
   return copy;
 }
@@ -122,9 +133,7 @@ void LoRALinearImpl<Base>::initialize_adapter(const std::string& name, const LoR
       B.zero_();
       break;
     case InitKind::kRandom:
-      torch::nn::init::kaiming_uniform_(A, std::sqrt(5.0));
-      torch::nn::init::kaiming_uniform_(B, std::sqrt(5.0));
-      break;
+      break;  // keep the Linear layers' own Kaiming-uniform draws, as PEFT does
     case InitKind::kPiSSA:
     case InitKind::kOLoRA: {
       auto weight = weight_out_in();
@@ -156,7 +165,7 @@ void LoRALinearImpl<Base>::check_new_adapter(const std::string& name) const {
 }
 
 template <typename Base>
-void LoRALinearImpl<Base>::add_adapter(const std::string& name, const LoRAOptions& options) {
+void LoRALinearImpl<Base>::check_add_adapter(const std::string& name, const LoRAOptions& options) const {
   check_new_adapter(name);
   TORCH_CHECK(modules_to_save_->size() == 0, "LoRALinear: cannot add low-rank adapter '", name,
               "' to a layer that holds trainable copies (modules_to_save); a layer is adapted or saved, not both");
@@ -167,6 +176,18 @@ void LoRALinearImpl<Base>::add_adapter(const std::string& name, const LoRAOption
     TORCH_CHECK(options.r() <= limit, "LoRALinear: rank ", options.r(), " exceeds min(in_features, out_features) = ",
                 limit, ", which init '", options.init(), "' cannot decompose");
   }
+}
+
+template <typename Base>
+void LoRALinearImpl<Base>::check_add_trainable_copy(const std::string& name) const {
+  check_new_adapter(name);
+  TORCH_CHECK(lora_A_->size() == 0, "LoRALinear: cannot add trainable copy '", name,
+              "' to a layer that holds low-rank adapters; a layer is adapted or saved, not both");
+}
+
+template <typename Base>
+void LoRALinearImpl<Base>::add_adapter(const std::string& name, const LoRAOptions& options) {
+  check_add_adapter(name, options);
   try {
     create_adapter(name, options);
   } catch (...) {
@@ -180,9 +201,7 @@ void LoRALinearImpl<Base>::add_adapter(const std::string& name, const LoRAOption
 
 template <typename Base>
 void LoRALinearImpl<Base>::add_trainable_copy(const std::string& name) {
-  check_new_adapter(name);
-  TORCH_CHECK(lora_A_->size() == 0, "LoRALinear: cannot add trainable copy '", name,
-              "' to a layer that holds low-rank adapters; a layer is adapted or saved, not both");
+  check_add_trainable_copy(name);
   auto copy = std::make_shared<Base>(base_options_);
   {
     torch::NoGradGuard no_grad;
@@ -283,6 +302,11 @@ void LoRALinearImpl<Base>::set_adapters(const std::vector<std::string>& names) {
     return adapter(name).trainable_copy;
   });
   TORCH_CHECK(copies <= 1, "LoRALinear: only one trainable copy can be active at a time (got ", detail::join(names), ")");
+  // A merged adapter that stops being active must leave the weight (PEFT unmerges too).
+  const bool stale = std::any_of(merged_.begin(), merged_.end(), [&](const std::string& name) {
+    return std::find(names.begin(), names.end(), name) == names.end();
+  });
+  if (stale) unmerge();
   active_ = names;
   update_requires_grad();
 }
@@ -433,8 +457,20 @@ at::Tensor LoRALinearImpl<Base>::forward(const at::Tensor& input) {
 
 template <typename Base>
 void LoRALinearImpl<Base>::merge(const std::vector<std::string>& adapter_names, bool safe_merge) {
-  const auto& names = adapter_names.empty() ? active_ : adapter_names;
+  TORCH_CHECK(enabled_, "LoRALinear: cannot merge while adapters are disabled; call enable_adapters(true) first");
+  const auto names = adapter_names.empty() ? active_ : adapter_names;
   for (const auto& name : names) check_adapter(name, "merge");
+  const auto merged_before = merged_.size();
+  try {
+    merge_each(names, safe_merge);
+  } catch (...) {
+    while (merged_.size() > merged_before) unmerge_last();  // all or nothing
+    throw;
+  }
+}
+
+template <typename Base>
+void LoRALinearImpl<Base>::merge_each(const std::vector<std::string>& names, bool safe_merge) {
   torch::NoGradGuard no_grad;
   auto weight = weight_out_in();
   for (const auto& name : names) {
@@ -470,28 +506,31 @@ void LoRALinearImpl<Base>::merge(const std::vector<std::string>& adapter_names, 
 
 template <typename Base>
 void LoRALinearImpl<Base>::unmerge() {
+  while (!merged_.empty()) unmerge_last();
+}
+
+template <typename Base>
+void LoRALinearImpl<Base>::unmerge_last() {
   torch::NoGradGuard no_grad;
   auto weight = weight_out_in();
-  while (!merged_.empty()) {
-    const auto name = merged_.back();
-    if (adapter(name).trainable_copy) {
-      auto originals = copy_merge_originals_.at(name).begin();
-      for (auto& parameter : base_layer_->parameters()) parameter.copy_(*originals++);
-      copy_merge_originals_.erase(name);
-      merged_.pop_back();
-      continue;
-    }
-    const auto delta = delta_out_in(name).to(weight.scalar_type());
-    if (adapter_options(name).use_dora()) {
-      const auto& magnitude = lora_magnitude_vector(name);
-      const auto factor = (magnitude / dora_merge_norms_.at(name)).view({-1, 1});
-      weight.copy_(weight / factor - delta);
-      dora_merge_norms_.erase(name);
-    } else {
-      weight.sub_(delta);
-    }
+  const auto name = merged_.back();
+  if (adapter(name).trainable_copy) {
+    auto originals = copy_merge_originals_.at(name).begin();
+    for (auto& parameter : base_layer_->parameters()) parameter.copy_(*originals++);
+    copy_merge_originals_.erase(name);
     merged_.pop_back();
+    return;
   }
+  const auto delta = delta_out_in(name).to(weight.scalar_type());
+  if (adapter_options(name).use_dora()) {
+    const auto& magnitude = lora_magnitude_vector(name);
+    const auto factor = (magnitude / dora_merge_norms_.at(name)).view({-1, 1});
+    weight.copy_(weight / factor - delta);
+    dora_merge_norms_.erase(name);
+  } else {
+    weight.sub_(delta);
+  }
+  merged_.pop_back();
 }
 
 template <typename Base>

@@ -79,6 +79,7 @@ struct AdapterConfig {
     json["lora_dropout"] = options.dropout();
     json["megatron_config"] = nullptr;
     json["megatron_core"] = "megatron.core";
+    if (!lora.exclude_modules().empty()) json["exclude_modules"] = lora.exclude_modules();  // PEFT >= 0.14
     json["modules_to_save"] = lora.modules_to_save().empty() ? nlohmann::ordered_json(nullptr)
                                                              : nlohmann::ordered_json(lora.modules_to_save());
     json["peft_type"] = "LORA";
@@ -102,7 +103,7 @@ struct AdapterConfig {
 
   /// Reads adapter_config.json. `peft_type` must be "LORA"; unknown keys are reported through
   /// `warn` (PEFT versions add fields) and otherwise ignored. `where` names the file.
-  static AdapterConfig from_json(const nlohmann::json& json, const std::string& where,
+  static AdapterConfig from_json(const nlohmann::ordered_json& json, const std::string& where,
                                  std::ostream* warn = &std::cerr) {
     TORCH_CHECK(json.is_object(), where, ": expected a JSON object");
     TORCH_CHECK(json.contains("peft_type"), where, ": missing 'peft_type'");
@@ -118,7 +119,7 @@ struct AdapterConfig {
     for (const auto& [key, value] : json.items()) {
       if (!known.count(key) && warn) *warn << "lora: " << where << ": ignoring unknown key '" << key << "'\n";
     }
-    auto get = [&](const char* key) -> const nlohmann::json* {
+    auto get = [&](const char* key) -> const nlohmann::ordered_json* {
       return json.contains(key) && !json[key].is_null() ? &json[key] : nullptr;
     };
     auto require = [&](bool ok, const char* key, const char* expected) {
@@ -160,7 +161,7 @@ struct AdapterConfig {
         text == "all-linear" ? void(lora.target_modules({"all-linear"})) : void(lora.target_regex(text));
       } else {
         require(targets->is_array() && std::all_of(targets->begin(), targets->end(),
-                                                    [](const nlohmann::json& item) { return item.is_string(); }),
+                                                    [](const nlohmann::ordered_json& item) { return item.is_string(); }),
                 "target_modules", "a list of names or a regular expression");
         auto names = targets->get<std::vector<std::string>>();
         std::sort(names.begin(), names.end());  // PEFT writes a set: its order means nothing
@@ -172,7 +173,7 @@ struct AdapterConfig {
       if (const auto* value = get(key)) {
         if (value->is_string()) return std::vector<std::string>{value->get<std::string>()};
         require(value->is_array() && std::all_of(value->begin(), value->end(),
-                                                  [](const nlohmann::json& item) { return item.is_string(); }),
+                                                  [](const nlohmann::ordered_json& item) { return item.is_string(); }),
                 key, "a list of names");
         out = value->get<std::vector<std::string>>();
       }
@@ -186,7 +187,7 @@ struct AdapterConfig {
         lora.layers_to_transform({layers->get<int64_t>()});
       } else {
         require(layers->is_array() && std::all_of(layers->begin(), layers->end(),
-                                                   [](const nlohmann::json& item) { return item.is_number_integer(); }),
+                                                   [](const nlohmann::ordered_json& item) { return item.is_number_integer(); }),
                 "layers_to_transform", "an integer or a list of integers");
         lora.layers_to_transform(layers->get<std::vector<int64_t>>());
       }
@@ -288,7 +289,7 @@ inline AdapterConfig read_adapter_config(const std::string& dir, const std::stri
   const auto path = detail::adapter_folder(dir, name) / "adapter_config.json";
   std::ifstream in(path);
   TORCH_CHECK(in, "lora: cannot open '", path.string(), "'");
-  nlohmann::json json;
+  nlohmann::ordered_json json;  // ordered: rank/alpha patterns match in file order
   try {
     in >> json;
   } catch (const nlohmann::json::exception& error) {
@@ -308,6 +309,12 @@ inline std::pair<LoraConfig, torch::OrderedDict<std::string, at::Tensor>> read_f
     const std::string& dir, const std::string& name, const std::vector<std::string>& module_names,
     std::ostream* warn) {
   const auto config = read_adapter_config(dir, name, warn);
+  const auto init = parse_init(config.lora.adapter().init()).kind;
+  TORCH_CHECK(init != InitKind::kPiSSA && init != InitKind::kOLoRA, "lora: the adapter in '", dir,
+              "' was initialised with '", config.lora.adapter().init(),
+              "', which trains against a residual base weight (W minus its principal part); loading it onto the "
+              "original model would be wrong. Load it onto the residual model, or convert it to a plain LoRA "
+              "adapter first (PEFT: path_initial_model_for_weight_conversion)");
   const auto file = (adapter_folder(dir, name) / "adapter_model.safetensors").string();
   auto tensors = load_safetensors(file).tensors;
   const std::string prefix = "base_model.model.";

@@ -20,6 +20,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -141,14 +142,13 @@ inline std::vector<Entry> parse_header(const uint8_t* bytes, size_t size, const 
   const char* text = reinterpret_cast<const char*>(bytes + 8);
 
   // Duplicate names are invalid but JSON parsers keep one silently: watch the top-level keys.
-  std::vector<std::string> keys;
+  std::unordered_set<std::string> keys;
   std::string duplicate;
   nlohmann::json::parser_callback_t watch = [&](int depth, nlohmann::json::parse_event_t event,
                                                 nlohmann::json& parsed) {
     if (depth == 1 && event == nlohmann::json::parse_event_t::key) {
       const auto key = parsed.get<std::string>();
-      if (duplicate.empty() && std::find(keys.begin(), keys.end(), key) != keys.end()) duplicate = key;
-      keys.push_back(key);
+      if (!keys.insert(key).second && duplicate.empty()) duplicate = key;
     }
     return true;
   };

@@ -91,6 +91,10 @@ inline bool starts_with(const std::string& text, const std::string& prefix) {
 inline LoadReport load_bert_state(BertForSequenceClassificationImpl& model,
                                   const torch::OrderedDict<std::string, at::Tensor>& checkpoint,
                                   const LoadOptions& options = {}, const std::string& where = "checkpoint") {
+  for (const auto& [name, layer] : lora::lora_layers(model)) {
+    TORCH_CHECK(!layer->merged(), "BERT checkpoint ", where, ": cannot load into '", name,
+                "' while adapters are merged into it; unmerge first");
+  }
   auto targets = lora::base_state_dict(model);
   const bool has_bert_prefix = std::any_of(checkpoint.begin(), checkpoint.end(), [](const auto& item) {
     return detail::starts_with(item.key(), "bert.");

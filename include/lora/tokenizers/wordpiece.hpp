@@ -193,6 +193,9 @@ class WordPieceTokenizer {
     auto types = batch.token_type_ids.accessor<int64_t, 2>();
     for (int64_t r = 0; r < rows; ++r) {
       const auto& encoding = encodings[static_cast<size_t>(r)];
+      TORCH_CHECK(encoding.token_type_ids.size() == encoding.input_ids.size(), "WordPieceTokenizer: row ", r,
+                  " has ", encoding.input_ids.size(), " input ids but ", encoding.token_type_ids.size(),
+                  " token type ids");
       for (size_t c = 0; c < encoding.input_ids.size(); ++c) {
         ids[r][static_cast<int64_t>(c)] = encoding.input_ids[c];
         mask[r][static_cast<int64_t>(c)] = 1;

@@ -1,0 +1,441 @@
+// lora-sentiment: fine-tune BERT for binary sentiment with LoRA on query/value.
+//
+//   lora-sentiment                      the built-in demo: no downloads, a few minutes on 2 cores
+//   lora-sentiment train --model DIR --data DIR --out DIR [options]
+//   lora-sentiment eval --model DIR [--adapter DIR] --data FILE
+//   lora-sentiment predict --model DIR [--adapter DIR] [SENTENCE...]   (stdin when none)
+//
+// Run any command with --help for its options.
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iomanip>
+#include <iostream>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+#include <lora/data/batcher.hpp>
+#include <lora/data/tsv.hpp>
+#include <lora/io/peft.hpp>
+#include <lora/lora.hpp>
+#include <lora/models/bert_checkpoint.hpp>
+#include <lora/tokenizers/wordpiece.hpp>
+#include <torch/torch.h>
+
+#include "mlm.hpp"
+#include "synthetic.hpp"
+#include "training.hpp"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+int default_threads() {
+  if (const char* value = std::getenv("OMP_NUM_THREADS")) return std::max(1, std::atoi(value));
+  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+}
+
+std::string default_cache() {
+  if (const char* value = std::getenv("LORA_CACHE")) return value;
+  if (const char* value = std::getenv("XDG_CACHE_HOME")) return std::string(value) + "/lora";
+  if (const char* value = std::getenv("HOME")) return std::string(value) + "/.cache/lora";
+  return ".lora-cache";
+}
+
+std::vector<std::string> split_list(const std::string& text) {
+  std::vector<std::string> out;
+  std::stringstream in(text);
+  for (std::string item; std::getline(in, item, ',');) {
+    if (!item.empty()) out.push_back(item);
+  }
+  return out;
+}
+
+struct LoraFlags {
+  int64_t r = 8;
+  double alpha = 16;
+  double dropout = 0.1;
+  std::string targets = "query,value";
+  bool rslora = false;
+  bool dora = false;
+};
+
+void add_lora_flags(CLI::App& app, LoraFlags& flags) {
+  app.add_option("--r", flags.r, "LoRA rank")->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--alpha", flags.alpha, "LoRA alpha (scaling alpha/r)")->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--dropout", flags.dropout, "dropout on the adapter input")->check(CLI::Range(0.0, 0.999))
+      ->capture_default_str();
+  app.add_option("--targets", flags.targets, "comma-separated module names to adapt")->capture_default_str();
+  app.add_flag("--rslora", flags.rslora, "scale by alpha/sqrt(r)");
+  app.add_flag("--dora", flags.dora, "DoRA: learn a magnitude vector too");
+}
+
+lora::io::AdapterConfig adapter_config(const LoraFlags& flags, const std::string& base) {
+  lora::io::AdapterConfig config;
+  config.lora = lora::LoraConfig(lora::LoRAOptions(flags.r)
+                                     .alpha(flags.alpha)
+                                     .dropout(flags.dropout)
+                                     .use_rslora(flags.rslora)
+                                     .use_dora(flags.dora))
+                    .target_modules(split_list(flags.targets))
+                    .modules_to_save({"classifier"});
+  config.task_type = "SEQ_CLS";
+  config.base_model_name_or_path = base;
+  return config;
+}
+
+/// Loads a model folder and checks that its vocabulary fits the model.
+std::pair<lora::models::BertForSequenceClassification, lora::tokenizers::WordPieceTokenizer> load_model(
+    const std::string& folder) {
+  TORCH_CHECK(fs::is_directory(folder), "model folder '", folder, "' does not exist");
+  TORCH_CHECK(fs::exists(fs::path(folder) / "vocab.txt"), "model folder '", folder, "' has no vocab.txt");
+  auto tokenizer = lora::tokenizers::WordPieceTokenizer::from_file((fs::path(folder) / "vocab.txt").string());
+  auto model = lora::models::load_bert_for_sequence_classification(folder);
+  TORCH_CHECK(tokenizer.vocab_size() == model->config.vocab_size, "vocab.txt of '", folder, "' has ",
+              tokenizer.vocab_size(), " tokens but the model's vocab_size is ", model->config.vocab_size);
+  model->eval();
+  return {model, tokenizer};
+}
+
+std::string folder_name(const std::string& path) {
+  auto normal = fs::path(path).lexically_normal();
+  if (normal.filename().empty()) normal = normal.parent_path();
+  return normal.filename().string();
+}
+
+/// Attaches a saved adapter, refusing one made for another base model unless `force`.
+void attach_adapter(lora::models::BertForSequenceClassificationImpl& model, const std::string& adapter,
+                    const std::string& model_folder, bool force = false) {
+  TORCH_CHECK(fs::is_directory(adapter), "adapter folder '", adapter, "' does not exist");
+  const auto config = lora::io::read_adapter_config(adapter);
+  const auto base = config.base_model_name_or_path;
+  TORCH_CHECK(force || base.empty() || folder_name(base) == folder_name(model_folder), "the adapter in '", adapter,
+              "' was trained on base model '", base, "', not on '", model_folder,
+              "' (pass --force to load it anyway)");
+  lora::io::load_adapter(model, adapter);
+  model.eval();
+}
+
+// ---- the built-in demo --------------------------------------------------------------------
+
+struct DemoOptions {
+  std::string cache = default_cache();
+  uint64_t seed = 0;
+  int64_t pretrain_steps = 1200;
+  int64_t epochs = 6;
+};
+
+lora::models::BertConfig demo_config(int64_t vocab_size) {
+  lora::models::BertConfig config;
+  config.vocab_size = vocab_size;
+  config.hidden_size = 64;
+  config.num_hidden_layers = 2;
+  config.num_attention_heads = 4;
+  config.intermediate_size = 128;
+  config.max_position_embeddings = 48;
+  config.hidden_dropout_prob = 0.1;
+  config.attention_probs_dropout_prob = 0.1;
+  return config;
+}
+
+/// The pretrained demo backbone: from the cache, or pretrained now and cached.
+std::string demo_backbone(const DemoOptions& options) {
+  const auto folder = fs::path(options.cache) / ("sentiment-demo-v4-seed" + std::to_string(options.seed));
+  if (fs::exists(folder / "model.safetensors") && fs::exists(folder / "config.json") && fs::exists(folder / "vocab.txt")) {
+    std::cout << "pretrained backbone: " << folder.string() << " (cached)\n";
+    return folder.string();
+  }
+  std::cout << "pretraining a small BERT (masked language model + topic of the review) on generated reviews (cached in "
+            << folder.string() << ")\n";
+  fs::create_directories(folder);
+  const auto vocab = sentiment::demo_vocabulary();
+  const auto vocab_file = (folder / "vocab.tmp").string();
+  {
+    std::ofstream out(vocab_file);
+    for (const auto& token : vocab) out << token << "\n";
+  }
+  lora::tokenizers::WordPieceTokenizer tokenizer(vocab);
+  torch::manual_seed(options.seed);
+  lora::models::BertForSequenceClassification model(demo_config(static_cast<int64_t>(vocab.size())));
+  lora::models::init_bert_weights(*model);
+  sentiment::Generator generator(options.seed + 101);
+  std::vector<std::string> corpus;
+  for (int i = 0; i < 20000; ++i) corpus.push_back(generator.document());
+  sentiment::pretrain_mlm(model->bert, corpus, tokenizer, generator.lexicon().nouns, options.pretrain_steps, 64, 1e-3,
+                          options.seed);
+  lora::models::save_bert(*model, folder.string(), vocab_file);
+  fs::remove(vocab_file);
+  return folder.string();
+}
+
+int run_demo(const DemoOptions& options) {
+  const auto started = std::chrono::steady_clock::now();
+  const auto backbone = demo_backbone(options);
+  const auto tokenizer = load_model(backbone).second;
+
+  sentiment::Generator train_generator(options.seed + 1), test_generator(options.seed + 2);
+  const auto train_examples = train_generator.examples(3000);
+  const auto dev_examples = train_generator.examples(500);
+  const auto test_examples = test_generator.examples(2000);
+  lora::data::BatcherOptions batching;
+  batching.batch_size = 32;
+  batching.max_length = 48;
+  lora::data::Batcher dev(dev_examples, tokenizer, batching), test(test_examples, tokenizer, batching);
+  batching.shuffle = true;
+  batching.seed = options.seed;
+  lora::data::Batcher train_set(train_examples, tokenizer, batching);
+  std::cout << "task: generated reviews with negation (\"not bad\") and contrast (\"good , but boring\"); "
+            << train_examples.size() << " training, " << test_examples.size() << " held-out sentences\n"
+            << "  e.g. \"" << test_examples[0].text << "\" -> " << (test_examples[0].label ? "positive" : "negative")
+            << "\n\n";
+
+  struct Row {
+    std::string name;
+    lora::ParameterCount count;
+    sentiment::Metrics test;
+  };
+  std::vector<Row> rows;
+  for (const std::string mode : {"head", "lora"}) {
+    auto [model, unused] = load_model(backbone);
+    torch::manual_seed(options.seed + 7);
+    if (mode == "head") {
+      for (auto& parameter : model->parameters()) parameter.requires_grad_(false);
+      model->classifier->add_trainable_copy("default");
+    } else {
+      lora::inject(*model, lora::LoraConfig(lora::LoRAOptions(8).alpha(16).dropout(0.1))
+                               .target_modules({"query", "value"})
+                               .modules_to_save({"classifier"}));
+    }
+    const auto count = lora::count_parameters(*model);
+    std::cout << (mode == "head" ? "frozen backbone, trained head only" : "LoRA r=8 on query/value + head") << ": "
+              << count.to_string() << "\n";
+    sentiment::TrainOptions training;
+    training.epochs = options.epochs;
+    training.lr = mode == "head" ? 3e-3 : 2e-3;
+    training.weight_decay = 0.0;
+    training.progress = std::getenv("LORA_DEMO_VERBOSE") != nullptr;
+    const auto result = sentiment::train(*model, train_set, dev, training);
+    rows.push_back({mode, count, sentiment::evaluate(*model, test)});
+    std::cout << "  dev accuracy " << std::fixed << std::setprecision(3) << result.best.accuracy << ", "
+              << std::setprecision(1) << result.seconds << " s\n"
+              << std::defaultfloat;
+  }
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  std::cout << "\nheld-out accuracy (" << test_examples.size() << " sentences):\n" << std::fixed;
+  for (const auto& row : rows) {
+    std::cout << "  " << std::left << std::setw(28)
+              << (row.name == "head" ? "head only (frozen backbone)" : "LoRA (query/value) + head") << std::right
+              << std::setprecision(3) << row.test.accuracy << "   trained " << std::setprecision(2)
+              << row.count.trainable_percent() << "% of " << row.count.total << " parameters\n";
+  }
+  const double gain = rows[1].test.accuracy - rows[0].test.accuracy;
+  std::cout << std::setprecision(1) << "LoRA gains " << 100 * gain << " accuracy points over head-only; total "
+            << seconds << " s\n";
+  return 0;
+}
+
+// ---- train / eval / predict -------------------------------------------------------------
+
+struct TrainFlags {
+  std::string model, data, train_file, dev_file, out, mode = "lora";
+  LoraFlags lora;
+  int64_t epochs = 3, steps = 0, batch_size = 32, max_length = 128, eval_every = 0;
+  double lr = 5e-4, weight_decay = 0.01, warmup_ratio = 0.06, clip = 1.0;
+  uint64_t seed = 13;
+  bool merge = false;
+};
+
+lora::data::Examples read_split(const std::string& path) {
+  const auto layout = fs::path(path).extension() == ".tsv" ? lora::data::Layout::kGlue : lora::data::Layout::kTextLabel;
+  return lora::data::read_tsv(path, layout);
+}
+
+int run_train(const TrainFlags& flags) {
+  std::string train_path = flags.train_file, dev_path = flags.dev_file;
+  if (!flags.data.empty()) {
+    TORCH_CHECK(fs::is_directory(flags.data), "--data folder '", flags.data, "' does not exist");
+    train_path = (fs::path(flags.data) / "train.tsv").string();
+    dev_path = (fs::path(flags.data) / "dev.tsv").string();
+  }
+  TORCH_CHECK(!train_path.empty() && !dev_path.empty(), "give --data DIR, or both --train FILE and --dev FILE");
+  auto [model, tokenizer] = load_model(flags.model);
+  const auto train_examples = read_split(train_path).examples;
+  const auto dev_examples = read_split(dev_path).examples;
+  std::cout << "model " << flags.model << ": " << model->config.num_hidden_layers << " layers, hidden "
+            << model->config.hidden_size << "; " << train_examples.size() << " training and " << dev_examples.size()
+            << " dev sentences\n";
+
+  torch::manual_seed(flags.seed);
+  const auto config = adapter_config(flags.lora, flags.model);
+  if (flags.mode == "lora") {
+    lora::inject(*model, config.lora);
+  } else if (flags.mode == "head") {
+    for (auto& parameter : model->parameters()) parameter.requires_grad_(false);
+    model->classifier->add_trainable_copy("default");
+  } else {
+    for (auto& parameter : model->parameters()) parameter.requires_grad_(true);
+  }
+  std::cout << "mode " << flags.mode << ": " << lora::count_parameters(*model).to_string() << "\n";
+
+  lora::data::BatcherOptions batching;
+  batching.batch_size = flags.batch_size;
+  batching.max_length = flags.max_length;
+  lora::data::Batcher dev(dev_examples, tokenizer, batching);
+  batching.shuffle = true;
+  batching.seed = flags.seed;
+  lora::data::Batcher train_set(train_examples, tokenizer, batching);
+
+  fs::create_directories(flags.out);
+  sentiment::TrainOptions training;
+  training.epochs = flags.epochs;
+  training.steps = flags.steps;
+  training.lr = flags.lr;
+  training.weight_decay = flags.weight_decay;
+  training.warmup_ratio = flags.warmup_ratio;
+  training.clip = flags.clip;
+  training.eval_every = flags.eval_every;
+  training.metrics_path = (fs::path(flags.out) / "metrics.jsonl").string();
+  auto save_best = [&](int64_t) {
+    if (flags.mode == "full") {
+      lora::models::save_bert(*model, (fs::path(flags.out) / "best").string(), flags.model + "/vocab.txt");
+    } else {
+      lora::io::save_adapter(*model, config, (fs::path(flags.out) / "adapter").string());
+    }
+  };
+  const auto result = sentiment::train(*model, train_set, dev, training, save_best);
+  std::ofstream(fs::path(flags.out) / "learning_curve.svg")
+      << sentiment::learning_curve_svg(result.history, "lora-sentiment: " + flags.mode);
+  std::cout << std::fixed << std::setprecision(4) << "best dev accuracy " << result.best.accuracy << " (F1 "
+            << result.best.f1 << ") at step " << result.best_step << "; " << std::setprecision(1) << result.seconds
+            << " s\nwrote " << flags.out << "/" << (flags.mode == "full" ? "best" : "adapter")
+            << ", metrics.jsonl, learning_curve.svg\n";
+  if (flags.merge && flags.mode != "full") {
+    auto [best, unused] = load_model(flags.model);
+    attach_adapter(*best, (fs::path(flags.out) / "adapter").string(), flags.model);
+    lora::merge_and_unload(*best, /*safe_merge=*/true);
+    lora::models::save_bert(*best, (fs::path(flags.out) / "merged").string(), flags.model + "/vocab.txt");
+    std::cout << "wrote " << flags.out << "/merged (a plain Hugging Face BERT folder)\n";
+  }
+  return 0;
+}
+
+int run_eval(const std::string& model_folder, const std::string& adapter, const std::string& data, int64_t batch,
+             bool force) {
+  auto [model, tokenizer] = load_model(model_folder);
+  if (!adapter.empty()) attach_adapter(*model, adapter, model_folder, force);
+  const auto examples = read_split(data).examples;
+  lora::data::BatcherOptions batching;
+  batching.batch_size = batch;
+  const auto m = sentiment::evaluate(*model, lora::data::Batcher(examples, tokenizer, batching));
+  std::cout << std::fixed << std::setprecision(4) << "examples " << m.count() << "\naccuracy " << m.accuracy
+            << "\nf1 " << m.f1 << "\nloss " << m.loss << "\nconfusion (rows: true 0/1, columns: predicted 0/1)\n  "
+            << m.true_negative << " " << m.false_positive << "\n  " << m.false_negative << " " << m.true_positive
+            << "\n";
+  return 0;
+}
+
+int run_predict(const std::string& model_folder, const std::string& adapter, std::vector<std::string> sentences,
+                const std::string& file, bool force) {
+  auto [model, tokenizer] = load_model(model_folder);
+  if (!adapter.empty()) attach_adapter(*model, adapter, model_folder, force);
+  if (!file.empty()) {
+    std::ifstream in(file);
+    TORCH_CHECK(in, "cannot open '", file, "'");
+    for (std::string line; std::getline(in, line);) sentences.push_back(line);
+  } else if (sentences.empty()) {
+    for (std::string line; std::getline(std::cin, line);) sentences.push_back(line);
+  }
+  const auto& labels = model->config.id2label;
+  torch::NoGradGuard no_grad;
+  for (size_t start = 0; start < sentences.size(); start += 64) {
+    const std::vector<std::string> chunk(sentences.begin() + static_cast<std::ptrdiff_t>(start),
+                                         sentences.begin() + static_cast<std::ptrdiff_t>(std::min(sentences.size(), start + 64)));
+    const auto batch = tokenizer.encode_batch(chunk, model->config.max_position_embeddings);
+    const auto probabilities = torch::softmax(
+        model->forward(batch.input_ids, batch.attention_mask, batch.token_type_ids), -1);
+    for (size_t i = 0; i < chunk.size(); ++i) {
+      const auto label = probabilities[static_cast<int64_t>(i)].argmax().item<int64_t>();
+      const auto name = labels.count(label) ? labels.at(label) : (label == 1 ? "positive" : "negative");
+      std::cout << name << "\t" << std::fixed << std::setprecision(4)
+                << probabilities[static_cast<int64_t>(i)][label].item<double>() << "\t" << chunk[i] << "\n";
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"lora-sentiment: fine-tune BERT for sentiment with LoRA (no arguments: the built-in demo)"};
+  int threads = default_threads();
+  app.add_option("--threads", threads, "intra-op threads (default: all cores, or OMP_NUM_THREADS)")
+      ->check(CLI::PositiveNumber);
+  DemoOptions demo;
+  app.add_option("--cache", demo.cache, "where the demo keeps its pretrained backbone")->capture_default_str();
+  app.add_option("--seed", demo.seed, "demo seed")->capture_default_str();
+  app.add_option("--pretrain-steps", demo.pretrain_steps, "demo pretraining steps")->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--epochs", demo.epochs, "demo fine-tuning epochs")->check(CLI::PositiveNumber)->capture_default_str();
+
+  TrainFlags train;
+  auto* train_cmd = app.add_subcommand("train", "fine-tune a Hugging Face BERT folder on labelled sentences");
+  train_cmd->add_option("--model", train.model, "BERT folder: config.json, model.safetensors, vocab.txt")->required();
+  train_cmd->add_option("--data", train.data, "GLUE SST-2 folder with train.tsv and dev.tsv");
+  train_cmd->add_option("--train", train.train_file, "training file (.tsv: GLUE layout; else text<TAB>label)");
+  train_cmd->add_option("--dev", train.dev_file, "dev file");
+  train_cmd->add_option("--out", train.out, "output folder")->required();
+  train_cmd->add_option("--mode", train.mode, "lora, full or head")->check(CLI::IsMember({"lora", "full", "head"}))
+      ->capture_default_str();
+  add_lora_flags(*train_cmd, train.lora);
+  train_cmd->add_option("--epochs", train.epochs, "epochs")->check(CLI::PositiveNumber)->capture_default_str();
+  train_cmd->add_option("--steps", train.steps, "optimizer steps (overrides --epochs)")->check(CLI::NonNegativeNumber);
+  train_cmd->add_option("--batch-size", train.batch_size, "batch size")->check(CLI::PositiveNumber)->capture_default_str();
+  train_cmd->add_option("--lr", train.lr, "peak learning rate")->check(CLI::PositiveNumber)->capture_default_str();
+  train_cmd->add_option("--weight-decay", train.weight_decay, "AdamW weight decay")->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  train_cmd->add_option("--warmup-ratio", train.warmup_ratio, "share of steps with linear warmup")
+      ->check(CLI::Range(0.0, 1.0))->capture_default_str();
+  train_cmd->add_option("--clip", train.clip, "max gradient norm (0: off)")->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  train_cmd->add_option("--seed", train.seed, "seed")->capture_default_str();
+  train_cmd->add_option("--max-length", train.max_length, "tokens per sentence")->check(CLI::Range(2, 512))
+      ->capture_default_str();
+  train_cmd->add_option("--eval-every", train.eval_every, "evaluate every N steps (0: each epoch)")
+      ->check(CLI::NonNegativeNumber);
+  train_cmd->add_flag("--merge", train.merge, "also write a merged Hugging Face folder (out/merged)");
+
+  std::string model_folder, adapter, data, file;
+  int64_t batch = 64;
+  bool force = false;
+  std::vector<std::string> sentences;
+  auto* eval_cmd = app.add_subcommand("eval", "accuracy, F1 and confusion matrix on a labelled file");
+  eval_cmd->add_option("--model", model_folder, "BERT folder (or a merged one)")->required();
+  eval_cmd->add_option("--adapter", adapter, "PEFT adapter folder");
+  eval_cmd->add_option("--data", data, "labelled file (.tsv: GLUE layout; else text<TAB>label)")->required();
+  eval_cmd->add_option("--batch-size", batch, "batch size")->check(CLI::PositiveNumber);
+  eval_cmd->add_flag("--force", force, "load an adapter trained on another base model");
+  auto* predict_cmd = app.add_subcommand("predict", "label and probability for each sentence (arguments, --file or stdin)");
+  predict_cmd->add_option("--model", model_folder, "BERT folder (or a merged one)")->required();
+  predict_cmd->add_option("--adapter", adapter, "PEFT adapter folder");
+  predict_cmd->add_option("--file", file, "one sentence per line");
+  predict_cmd->add_option("sentences", sentences, "sentences to classify");
+  predict_cmd->add_flag("--force", force, "load an adapter trained on another base model");
+
+  CLI11_PARSE(app, argc, argv);
+  torch::set_num_threads(threads);
+  try {
+    if (*train_cmd) return run_train(train);
+    if (*eval_cmd) return run_eval(model_folder, adapter, data, batch, force);
+    if (*predict_cmd) return run_predict(model_folder, adapter, sentences, file, force);
+    return run_demo(demo);
+  } catch (const c10::Error& error) {
+    std::cerr << "lora-sentiment: " << error.what_without_backtrace() << "\n";
+    return 1;
+  } catch (const std::exception& error) {
+    std::cerr << "lora-sentiment: " << error.what() << "\n";
+    return 1;
+  }
+}

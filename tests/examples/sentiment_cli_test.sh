@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# End-to-end checks of lora-sentiment: the demo backbone (cached), train on a small TSV,
+# the files it writes, predict's output format, eval, and argument errors.
+#   sentiment_cli_test.sh BINARY WORKDIR
+set -euo pipefail
+bin=$1
+work=$2
+rm -rf "$work"
+mkdir -p "$work"
+fail() { echo "FAIL: $*" >&2; exit 1; }
+
+# A backbone from the demo's cache (pretrained once, briefly).
+"$bin" --cache "$work/cache" --pretrain-steps 200 --epochs 1 > "$work/demo.txt"
+backbone=$(ls -d "$work"/cache/sentiment-demo-v4-seed0)
+[ -f "$backbone/model.safetensors" ] || fail "the demo did not cache its backbone"
+grep -q "held-out accuracy" "$work/demo.txt" || fail "the demo printed no accuracies"
+# A second run reuses the cache.
+"$bin" --cache "$work/cache" --pretrain-steps 200 --epochs 1 | grep -q "(cached)" || fail "the cache was not reused"
+
+# Small GLUE-layout files.
+{ echo -e "sentence\tlabel"
+  for i in $(seq 1 40); do echo -e "the film was good \t1"; echo -e "the plot was not good \t0"; done; } > "$work/train.tsv"
+{ echo -e "sentence\tlabel"; echo -e "the story was good \t1"; echo -e "the acting was not good \t0"; } > "$work/dev.tsv"
+
+"$bin" train --model "$backbone" --train "$work/train.tsv" --dev "$work/dev.tsv" --out "$work/run" \
+  --steps 20 --eval-every 10 --batch-size 8 --lr 1e-3 --merge > "$work/train.txt" 2>&1 || { cat "$work/train.txt"; fail "train failed"; }
+for f in adapter/adapter_config.json adapter/adapter_model.safetensors metrics.jsonl learning_curve.svg merged/model.safetensors merged/config.json merged/vocab.txt; do
+  [ -f "$work/run/$f" ] || fail "train did not write $f"
+done
+[ "$(wc -l < "$work/run/metrics.jsonl")" -eq 2 ] || fail "metrics.jsonl should have 2 rows (steps 10 and 20)"
+grep -q '"dev_accuracy"' "$work/run/metrics.jsonl" || fail "metrics.jsonl lacks dev_accuracy"
+grep -q '<polyline' "$work/run/learning_curve.svg" || fail "the chart has no curve"
+grep -q '"peft_type": "LORA"' "$work/run/adapter/adapter_config.json" || fail "adapter_config.json is not PEFT's"
+
+# predict: label TAB probability TAB sentence, from arguments and from stdin; adapter and merged agree.
+out=$("$bin" predict --model "$backbone" --adapter "$work/run/adapter" "the film was good" "the plot was not good")
+[ "$(echo "$out" | wc -l)" -eq 2 ] || fail "predict printed $(echo "$out" | wc -l) lines for 2 sentences"
+echo "$out" | grep -Eq $'^(positive|negative)\t[01]\\.[0-9]{4}\tthe film was good$' || fail "bad predict line: $out"
+merged=$(echo -e "the film was good\nthe plot was not good" | "$bin" predict --model "$work/run/merged")
+[ "$(echo "$merged" | cut -f1)" = "$(echo "$out" | cut -f1)" ] || fail "merged and adapter predictions differ"
+
+# eval
+"$bin" eval --model "$backbone" --adapter "$work/run/adapter" --data "$work/dev.tsv" | grep -Eq '^accuracy [01]\.[0-9]{4}$' \
+  || fail "eval printed no accuracy"
+
+# Errors name the problem.
+expect_error() {
+  local pattern=$1; shift
+  local output
+  if output=$("$bin" "$@" 2>&1); then fail "expected failure for: $*"; fi
+  echo "$output" | grep -q -- "$pattern" || fail "for '$*' expected '$pattern', got: $output"
+}
+expect_error "model folder '$work/missing' does not exist" eval --model "$work/missing" --data "$work/dev.tsv"
+expect_error "--model is required" train --out "$work/x"
+expect_error "give --data DIR, or both --train FILE and --dev FILE" train --model "$backbone" --out "$work/x"
+expect_error "--lr" train --model "$backbone" --data "$work" --out "$work/x" --lr -1
+expect_error "--mode" train --model "$backbone" --data "$work" --out "$work/x" --mode half
+expect_error "was trained on base model" predict --model "$work/run/merged" --adapter "$work/run/adapter" "x"
+expect_error "read_tsv: cannot open" eval --model "$backbone" --data "$work/none.tsv"
+echo "sentiment CLI: all checks passed"
