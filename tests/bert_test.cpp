@@ -27,27 +27,14 @@ BertConfig tiny_config() {
   return config;
 }
 
-class BertTest : public lora::testing::SeededTest {
+class BertTest : public lora::testing::TempDirTest {
  protected:
-  void SetUp() override {
-    SeededTest::SetUp();
-    dir_ = fs::temp_directory_path() /
-           ("lora-bert-" + std::to_string(::getpid()) + "-" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-  }
-  void TearDown() override { fs::remove_all(dir_); }
-  std::string path(const std::string& name) const { return (dir_ / name).string(); }
-
   BertForSequenceClassification random_model() {
     BertForSequenceClassification model(tiny_config());
     lora::models::init_bert_weights(*model);
     model->eval();
     return model;
   }
-
-  fs::path dir_;
 };
 
 std::vector<std::string> hf_keys(int64_t layers) {
@@ -71,26 +58,6 @@ std::vector<std::string> hf_keys(int64_t layers) {
 
 torch::Tensor tokens() { return torch::tensor({{2, 7, 9, 11, 3, 0}, {2, 5, 3, 0, 0, 0}}, torch::kLong); }
 torch::Tensor mask() { return torch::tensor({{1, 1, 1, 1, 1, 0}, {1, 1, 1, 0, 0, 0}}, torch::kLong); }
-
-torch::Tensor json_tensor(const nlohmann::json& value, torch::Dtype dtype) {
-  std::vector<int64_t> shape;
-  const nlohmann::json* level = &value;
-  while (level->is_array()) {
-    shape.push_back(static_cast<int64_t>(level->size()));
-    if (level->empty()) break;
-    level = &(*level)[0];
-  }
-  std::vector<double> flat;
-  std::function<void(const nlohmann::json&)> walk = [&](const nlohmann::json& node) {
-    if (node.is_array()) {
-      for (const auto& child : node) walk(child);
-    } else {
-      flat.push_back(node.get<double>());
-    }
-  };
-  walk(value);
-  return torch::tensor(flat, torch::kDouble).view(shape).to(dtype);
-}
 
 const char* shared_dir() { return std::getenv("LORA_SHARED_DIR"); }
 
@@ -296,21 +263,21 @@ TEST_F(BertTest, MatchesTransformersOnTheGoldenCheckpoint) {
   torch::NoGradGuard no_grad;
   for (size_t b = 0; b < ids["batches"].size(); ++b) {
     const auto& batch = ids["batches"][b];
-    const auto input_ids = json_tensor(batch["input_ids"], torch::kLong);
-    const auto attention = json_tensor(batch["attention_mask"], torch::kLong);
-    const auto types = json_tensor(batch["token_type_ids"], torch::kLong);
+    const auto input_ids = lora::testing::json_tensor(batch["input_ids"], torch::kLong);
+    const auto attention = lora::testing::json_tensor(batch["attention_mask"], torch::kLong);
+    const auto types = lora::testing::json_tensor(batch["token_type_ids"], torch::kLong);
     const auto out = model->bert->forward(input_ids, attention, types, /*output_hidden_states=*/true);
     const auto logits = model->classifier(model->dropout(out.pooler_output));
     const auto& want = expected["batches"][b];
-    const double logit_error = max_abs_diff(logits, json_tensor(want["logits"], torch::kDouble));
+    const double logit_error = max_abs_diff(logits, lora::testing::json_tensor(want["logits"], torch::kDouble));
     EXPECT_LT(logit_error, 1e-5) << "batch " << b;
     std::cout << "[golden] batch " << b << ": max |logits - transformers| = " << logit_error
-              << ", last hidden state " << max_abs_diff(out.last_hidden_state, json_tensor(want["last_hidden_state"], torch::kDouble))
+              << ", last hidden state " << max_abs_diff(out.last_hidden_state, lora::testing::json_tensor(want["last_hidden_state"], torch::kDouble))
               << "\n";
-    EXPECT_LT(max_abs_diff(out.last_hidden_state, json_tensor(want["last_hidden_state"], torch::kDouble)), 1e-5);
+    EXPECT_LT(max_abs_diff(out.last_hidden_state, lora::testing::json_tensor(want["last_hidden_state"], torch::kDouble)), 1e-5);
     ASSERT_EQ(out.hidden_states.size(), want["hidden_states"].size());
     for (size_t i = 0; i < out.hidden_states.size(); ++i) {
-      EXPECT_LT(max_abs_diff(out.hidden_states[i], json_tensor(want["hidden_states"][i], torch::kDouble)), 1e-5)
+      EXPECT_LT(max_abs_diff(out.hidden_states[i], lora::testing::json_tensor(want["hidden_states"][i], torch::kDouble)), 1e-5)
           << "batch " << b << ", hidden state " << i;
     }
   }
@@ -334,22 +301,22 @@ TEST_F(BertTest, PeftAdapterMatchesPeftLogitsUnmergedAndMerged) {
   torch::NoGradGuard no_grad;
   auto logits_of = [&](size_t b) {
     const auto& batch = ids["batches"][b];
-    return model(json_tensor(batch["input_ids"], torch::kLong), json_tensor(batch["attention_mask"], torch::kLong),
-                 json_tensor(batch["token_type_ids"], torch::kLong));
+    return model(lora::testing::json_tensor(batch["input_ids"], torch::kLong), lora::testing::json_tensor(batch["attention_mask"], torch::kLong),
+                 lora::testing::json_tensor(batch["token_type_ids"], torch::kLong));
   };
   for (size_t b = 0; b < ids["batches"].size(); ++b) {
-    const double error = max_abs_diff(logits_of(b), json_tensor(expected["adapter_logits"][b], torch::kDouble));
+    const double error = max_abs_diff(logits_of(b), lora::testing::json_tensor(expected["adapter_logits"][b], torch::kDouble));
     EXPECT_LT(error, 1e-5) << "batch " << b;
     std::cout << "[golden] adapter batch " << b << ": max |logits - PEFT| = " << error << "\n";
   }
   lora::merge(*model);
   for (size_t b = 0; b < ids["batches"].size(); ++b) {
-    const double error = max_abs_diff(logits_of(b), json_tensor(expected["merged_logits"][b], torch::kDouble));
+    const double error = max_abs_diff(logits_of(b), lora::testing::json_tensor(expected["merged_logits"][b], torch::kDouble));
     EXPECT_LT(error, 1e-5) << "batch " << b;
     std::cout << "[golden] merged batch " << b << ": max |logits - PEFT| = " << error << "\n";
   }
   lora::enable_adapters(*model, false);
   for (size_t b = 0; b < ids["batches"].size(); ++b) {
-    EXPECT_LT(max_abs_diff(logits_of(b), json_tensor(expected["base_logits"][b], torch::kDouble)), 1e-5);
+    EXPECT_LT(max_abs_diff(logits_of(b), lora::testing::json_tensor(expected["base_logits"][b], torch::kDouble)), 1e-5);
   }
 }

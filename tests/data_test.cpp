@@ -13,22 +13,13 @@ using lora::data::OnError;
 
 namespace {
 
-class DataTest : public lora::testing::SeededTest {
+class DataTest : public lora::testing::TempDirTest {
  protected:
-  void SetUp() override {
-    SeededTest::SetUp();
-    dir_ = fs::temp_directory_path() / ("lora-data-" + std::to_string(::getpid()) + "-" +
-                                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-  }
-  void TearDown() override { fs::remove_all(dir_); }
   std::string write(const std::string& name, const std::string& text) const {
-    const auto path = (dir_ / name).string();
-    std::ofstream(path, std::ios::binary) << text;
-    return path;
+    const auto file = path(name);
+    std::ofstream(file, std::ios::binary) << text;
+    return file;
   }
-  fs::path dir_;
 };
 
 lora::tokenizers::WordPieceTokenizer tokenizer() {

@@ -19,19 +19,8 @@ using lora::testing::TinyBert;
 
 namespace {
 
-class PeftTest : public lora::testing::SeededTest {
+class PeftTest : public lora::testing::TempDirTest {
  protected:
-  void SetUp() override {
-    SeededTest::SetUp();
-    dir_ = fs::temp_directory_path() /
-           ("lora-peft-" + std::to_string(::getpid()) + "-" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-  }
-  void TearDown() override { fs::remove_all(dir_); }
-  std::string path(const std::string& name) const { return (dir_ / name).string(); }
-
   /// Two TinyBerts with the same base weights.
   static std::pair<TinyBert, TinyBert> twins() {
     torch::manual_seed(42);
@@ -40,8 +29,6 @@ class PeftTest : public lora::testing::SeededTest {
     TinyBert b;
     return {a, b};
   }
-
-  fs::path dir_;
 };
 
 void perturb_trainable(torch::nn::Module& model) {
@@ -74,25 +61,6 @@ const char* shared_dir() { return std::getenv("LORA_SHARED_DIR"); }
 nlohmann::json read_json(const fs::path& file) {
   std::ifstream in(file);
   return nlohmann::json::parse(in);
-}
-
-torch::Tensor json_tensor(const nlohmann::json& value, torch::Dtype dtype) {
-  std::vector<int64_t> shape;
-  const nlohmann::json* level = &value;
-  while (level->is_array() && !level->empty()) {
-    shape.push_back(static_cast<int64_t>(level->size()));
-    level = &(*level)[0];
-  }
-  std::vector<double> flat;
-  std::function<void(const nlohmann::json&)> walk = [&](const nlohmann::json& node) {
-    if (node.is_array()) {
-      for (const auto& child : node) walk(child);
-    } else {
-      flat.push_back(node.get<double>());
-    }
-  };
-  walk(value);
-  return torch::tensor(flat, torch::kDouble).view(shape).to(dtype);
 }
 
 }  // namespace
@@ -347,10 +315,10 @@ TEST_F(PeftTest, LoadsPeftsAdapterAndReplaysItsTraining) {
   for (size_t step = 0; step < batches.size(); ++step) {
     const auto& batch = batches[step];
     optimizer.zero_grad();
-    const auto logits = model(json_tensor(batch["input_ids"], torch::kLong),
-                              json_tensor(batch["attention_mask"], torch::kLong),
-                              json_tensor(batch["token_type_ids"], torch::kLong));
-    const auto loss = torch::nn::functional::cross_entropy(logits, json_tensor(batch["labels"], torch::kLong));
+    const auto logits = model(lora::testing::json_tensor(batch["input_ids"], torch::kLong),
+                              lora::testing::json_tensor(batch["attention_mask"], torch::kLong),
+                              lora::testing::json_tensor(batch["token_type_ids"], torch::kLong));
+    const auto loss = torch::nn::functional::cross_entropy(logits, lora::testing::json_tensor(batch["labels"], torch::kLong));
     loss.backward();
     optimizer.step();
     const double error = std::abs(loss.item<double>() - log["losses"][step].get<double>());
@@ -362,9 +330,9 @@ TEST_F(PeftTest, LoadsPeftsAdapterAndReplaysItsTraining) {
   {
     torch::NoGradGuard no_grad;
     const auto& eval = log["eval_batch"];
-    const auto logits = model(json_tensor(eval["input_ids"], torch::kLong), json_tensor(eval["attention_mask"], torch::kLong),
-                              json_tensor(eval["token_type_ids"], torch::kLong));
-    const double error = max_abs_diff(logits, json_tensor(log["eval_logits"], torch::kDouble));
+    const auto logits = model(lora::testing::json_tensor(eval["input_ids"], torch::kLong), lora::testing::json_tensor(eval["attention_mask"], torch::kLong),
+                              lora::testing::json_tensor(eval["token_type_ids"], torch::kLong));
+    const double error = max_abs_diff(logits, lora::testing::json_tensor(log["eval_logits"], torch::kDouble));
     EXPECT_LT(error, 1e-4);
     std::cout << "[golden] eval logits after training: max |logits - PEFT| = " << error << "\n";
   }

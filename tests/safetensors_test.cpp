@@ -12,18 +12,8 @@ using lora::io::save_safetensors;
 
 namespace {
 
-class SafetensorsTest : public lora::testing::SeededTest {
+class SafetensorsTest : public lora::testing::TempDirTest {
  protected:
-  void SetUp() override {
-    SeededTest::SetUp();
-    dir_ = fs::temp_directory_path() / ("lora-safetensors-" + std::to_string(::getpid()) + "-" +
-                                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-  }
-  void TearDown() override { fs::remove_all(dir_); }
-  std::string path(const std::string& name) const { return (dir_ / name).string(); }
-
   /// Writes a file from a JSON header text and raw data bytes, exactly as given.
   std::string raw_file(const std::string& header, const std::string& data, int64_t claimed = -1) const {
     const auto file = path("raw.safetensors");
@@ -33,8 +23,6 @@ class SafetensorsTest : public lora::testing::SeededTest {
     out << header << data;
     return file;
   }
-
-  fs::path dir_;
 };
 
 std::string bytes_of(const std::vector<float>& values) {

@@ -2,8 +2,12 @@
 
 // Shared helpers for the unit tests.
 
+#include <filesystem>
 #include <functional>
 #include <string>
+#include <vector>
+
+#include <unistd.h>
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>
@@ -32,6 +36,45 @@ class SeededTest : public ::testing::Test {
  protected:
   void SetUp() override { torch::manual_seed(0); }
 };
+
+/// A seeded fixture with a fresh temporary folder per test, removed afterwards.
+class TempDirTest : public SeededTest {
+ protected:
+  void SetUp() override {
+    SeededTest::SetUp();
+    dir_ = std::filesystem::temp_directory_path() /
+           ("lora-test-" + std::to_string(::getpid()) + "-" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->test_suite_name() + "-" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    std::filesystem::remove_all(dir_);
+    std::filesystem::create_directories(dir_);
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+  std::string path(const std::string& name) const { return (dir_ / name).string(); }
+
+  std::filesystem::path dir_;
+};
+
+/// A nested JSON array of numbers as a tensor of `dtype` (golden files store tensors so).
+template <typename Json>
+torch::Tensor json_tensor(const Json& value, torch::Dtype dtype) {
+  std::vector<int64_t> shape;
+  const Json* level = &value;
+  while (level->is_array() && !level->empty()) {
+    shape.push_back(static_cast<int64_t>(level->size()));
+    level = &(*level)[0];
+  }
+  std::vector<double> flat;
+  std::function<void(const Json&)> walk = [&](const Json& node) {
+    if (node.is_array()) {
+      for (const auto& child : node) walk(child);
+    } else {
+      flat.push_back(node.template get<double>());
+    }
+  };
+  walk(value);
+  return torch::tensor(flat, torch::kDouble).view(shape).to(dtype);
+}
 
 }  // namespace lora::testing
 
