@@ -6,6 +6,8 @@
 //   lora-sentiment predict --model DIR [--adapter DIR] [SENTENCE...]   (stdin when none)
 //
 // Run any command with --help for its options.
+#include <atomic>
+#include <csignal>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -32,6 +34,9 @@
 namespace fs = std::filesystem;
 
 namespace {
+
+std::atomic<bool> interrupted{false};
+extern "C" void on_interrupt(int) { interrupted.store(true); }
 
 int default_threads() {
   if (const char* value = std::getenv("OMP_NUM_THREADS")) return std::max(1, std::atoi(value));
@@ -249,6 +254,8 @@ struct TrainFlags {
   double lr = 5e-4, weight_decay = 0.01, warmup_ratio = 0.06, clip = 1.0;
   uint64_t seed = 13;
   bool merge = false;
+  bool resume = false;
+  int64_t stop_after = 0;
 };
 
 lora::data::Examples read_split(const std::string& path) {
@@ -301,6 +308,11 @@ int run_train(const TrainFlags& flags) {
   training.clip = flags.clip;
   training.eval_every = flags.eval_every;
   training.metrics_path = (fs::path(flags.out) / "metrics.jsonl").string();
+  training.checkpoint_dir = (fs::path(flags.out) / "checkpoint").string();
+  training.resume = flags.resume;
+  training.stop_after = flags.stop_after;
+  training.interrupt = &interrupted;
+  std::signal(SIGINT, on_interrupt);
   auto save_best = [&](int64_t) {
     if (flags.mode == "full") {
       lora::models::save_bert(*model, (fs::path(flags.out) / "best").string(), flags.model + "/vocab.txt");
@@ -309,6 +321,7 @@ int run_train(const TrainFlags& flags) {
     }
   };
   const auto result = sentiment::train(*model, train_set, dev, training, save_best);
+  if (result.interrupted) return 130;
   std::ofstream(fs::path(flags.out) / "learning_curve.svg")
       << sentiment::learning_curve_svg(result.history, "lora-sentiment: " + flags.mode);
   std::cout << std::fixed << std::setprecision(4) << "best dev accuracy " << result.best.accuracy << " (F1 "
@@ -409,6 +422,9 @@ int main(int argc, char** argv) {
   train_cmd->add_option("--eval-every", train.eval_every, "evaluate every N steps (0: each epoch)")
       ->check(CLI::NonNegativeNumber);
   train_cmd->add_flag("--merge", train.merge, "also write a merged Hugging Face folder (out/merged)");
+  train_cmd->add_flag("--resume", train.resume, "continue the run interrupted (Ctrl-C) in --out");
+  train_cmd->add_option("--stop-after", train.stop_after, "stop as if interrupted after N steps (testing)")
+      ->check(CLI::NonNegativeNumber)->group("");
 
   std::string model_folder, adapter, data, file;
   int64_t batch = 64;

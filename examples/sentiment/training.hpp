@@ -3,9 +3,11 @@
 // Fine-tuning and evaluation loops for BertForSequenceClassification: LoRA, full or head-only,
 // AdamW with linear warmup and decay, gradient clipping, periodic evaluation, metrics.
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <iomanip>
@@ -15,6 +17,9 @@
 #include <vector>
 
 #include <unistd.h>
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <nlohmann/json.hpp>
 
 #include <lora/data/batcher.hpp>
 #include <lora/inject.hpp>
@@ -67,6 +72,13 @@ struct TrainOptions {
   int64_t eval_every = 0;  ///< steps; 0: once per epoch
   bool progress = true;    ///< a live progress line on stderr
   std::string metrics_path;  ///< metrics.jsonl; empty: none
+  /// Where an interrupted run leaves its state, and where `resume` finds it; empty: none.
+  std::string checkpoint_dir;
+  bool resume = false;
+  /// Stop (as if interrupted) after this many steps in total; 0: never. For tests.
+  int64_t stop_after = 0;
+  /// Set asynchronously (Ctrl-C): the loop saves a checkpoint after the current step and stops.
+  const std::atomic<bool>* interrupt = nullptr;
 };
 
 /// One row of metrics.jsonl.
@@ -81,7 +93,90 @@ struct TrainResult {
   int64_t best_step = 0;
   std::vector<MetricRow> history;
   double seconds = 0;
+  bool interrupted = false;  ///< stopped early; a checkpoint was written
+  int64_t steps = 0;         ///< steps done (in total, over resumed runs)
 };
+
+namespace detail {
+
+inline nlohmann::json metrics_json(const Metrics& m) {
+  return {{"accuracy", m.accuracy}, {"f1", m.f1}, {"loss", m.loss}, {"tp", m.true_positive},
+          {"fp", m.false_positive}, {"tn", m.true_negative}, {"fn", m.false_negative}};
+}
+
+inline Metrics metrics_from(const nlohmann::json& j) {
+  Metrics m;
+  m.accuracy = j.at("accuracy");
+  m.f1 = j.at("f1");
+  m.loss = j.at("loss");
+  m.true_positive = j.at("tp");
+  m.false_positive = j.at("fp");
+  m.true_negative = j.at("tn");
+  m.false_negative = j.at("fn");
+  return m;
+}
+
+/// Everything a run needs to continue exactly: trainable tensors, optimizer moments, the
+/// generator (dropout draws), step, running loss, best result and history.
+struct Checkpoint {
+  static void save(const std::string& dir, const std::vector<torch::Tensor>& parameters,
+                   torch::optim::Optimizer& optimizer, const TrainResult& result, int64_t step, double running_loss,
+                   int64_t running_count) {
+    std::filesystem::create_directories(dir);
+    std::vector<torch::Tensor> values;
+    for (const auto& parameter : parameters) values.push_back(parameter.detach().clone());
+    torch::save(values, dir + "/trainable.pt");
+    torch::save(optimizer, dir + "/optimizer.pt");
+    torch::save(at::detail::getDefaultCPUGenerator().get_state(), dir + "/generator.pt");
+    nlohmann::json state = {{"step", step},
+                            {"running_loss", running_loss},
+                            {"running_count", running_count},
+                            {"best_step", result.best_step},
+                            {"best", metrics_json(result.best)},
+                            {"history", nlohmann::json::array()}};
+    for (const auto& row : result.history) {
+      state["history"].push_back({{"step", row.step}, {"epoch", row.epoch}, {"train_loss", row.train_loss},
+                                  {"lr", row.lr}, {"dev", metrics_json(row.dev)}});
+    }
+    std::ofstream(dir + "/state.json") << state.dump(1);
+  }
+
+  static void load(const std::string& dir, const std::vector<torch::Tensor>& parameters,
+                   torch::optim::Optimizer& optimizer, TrainResult& result, int64_t& step, double& running_loss,
+                   int64_t& running_count) {
+    TORCH_CHECK(std::filesystem::exists(dir + "/state.json"), "--resume: no checkpoint in '", dir, "'");
+    std::ifstream in(dir + "/state.json");
+    const auto state = nlohmann::json::parse(in);
+    std::vector<torch::Tensor> values;
+    torch::load(values, dir + "/trainable.pt");
+    TORCH_CHECK(values.size() == parameters.size(), "--resume: the checkpoint in '", dir, "' holds ", values.size(),
+                " trainable tensors but this run trains ", parameters.size(), " (different options?)");
+    {
+      torch::NoGradGuard no_grad;
+      for (size_t i = 0; i < values.size(); ++i) {
+        TORCH_CHECK(values[i].sizes() == parameters[i].sizes(), "--resume: trainable tensor ", i, " has shape ",
+                    values[i].sizes(), " in the checkpoint but ", parameters[i].sizes(), " here");
+        parameters[i].copy_(values[i]);
+      }
+    }
+    torch::load(optimizer, dir + "/optimizer.pt");
+    torch::Tensor generator;
+    torch::load(generator, dir + "/generator.pt");
+    auto default_generator = at::detail::getDefaultCPUGenerator();  // a handle: shares the generator
+    default_generator.set_state(generator);
+    step = state.at("step");
+    running_loss = state.at("running_loss");
+    running_count = state.at("running_count");
+    result.best_step = state.at("best_step");
+    result.best = metrics_from(state.at("best"));
+    for (const auto& row : state.at("history")) {
+      result.history.push_back({row.at("step"), row.at("epoch"), row.at("train_loss"), row.at("lr"),
+                                metrics_from(row.at("dev"))});
+    }
+  }
+};
+
+}  // namespace detail
 
 inline std::string clock_time(double seconds) {
   const auto total = static_cast<int64_t>(std::max(0.0, seconds));
@@ -106,8 +201,6 @@ inline TrainResult train(lora::models::BertForSequenceClassificationImpl& model,
   const int64_t total = options.steps > 0 ? options.steps : options.epochs * per_epoch;
   const auto warmup = static_cast<int64_t>(std::round(options.warmup_ratio * static_cast<double>(total)));
   const int64_t eval_every = options.eval_every > 0 ? options.eval_every : per_epoch;
-  std::ofstream metrics;
-  if (!options.metrics_path.empty()) metrics.open(options.metrics_path, std::ios::trunc);
   const bool tty = options.progress && ::isatty(STDERR_FILENO);
 
   TrainResult result;
@@ -116,10 +209,33 @@ inline TrainResult train(lora::models::BertForSequenceClassificationImpl& model,
   int64_t step = 0, examples = 0;
   double running_loss = 0;
   int64_t running_count = 0;
+  if (options.resume) {
+    detail::Checkpoint::load(options.checkpoint_dir, parameters, optimizer, result, step, running_loss, running_count);
+    std::fprintf(stderr, "resuming at step %lld of %lld\n", (long long)step, (long long)total);
+  }
+  const int64_t first_step = step;
+  std::ofstream metrics;
+  if (!options.metrics_path.empty()) {
+    metrics.open(options.metrics_path, options.resume ? std::ios::app : std::ios::trunc);
+  }
   model.train();
-  for (int64_t epoch = 0; step < total; ++epoch) {
-    for (const auto& batch : train_set.epoch(epoch)) {
+  for (int64_t epoch = step / per_epoch; step < total; ++epoch) {
+    const auto batches = train_set.epoch(epoch);
+    for (auto position = static_cast<size_t>(step - epoch * per_epoch); position < batches.size(); ++position) {
+      const auto& batch = batches[position];
       if (step >= total) break;
+      const bool stop = (options.interrupt && options.interrupt->load()) ||
+                        (options.stop_after > 0 && step >= options.stop_after);
+      if (stop && !options.checkpoint_dir.empty()) {
+        detail::Checkpoint::save(options.checkpoint_dir, parameters, optimizer, result, step, running_loss,
+                                 running_count);
+        std::fprintf(stderr, "%sinterrupted at step %lld; checkpoint in %s (continue with --resume)\n",
+                     tty ? "\n" : "", (long long)step, options.checkpoint_dir.c_str());
+        result.interrupted = true;
+        result.steps = step;
+        model.eval();
+        return result;
+      }
       const double factor = step < warmup ? double(step + 1) / double(warmup)
                                           : double(total - step) / double(std::max<int64_t>(1, total - warmup));
       const double lr = options.lr * factor;
@@ -139,7 +255,7 @@ inline TrainResult train(lora::models::BertForSequenceClassificationImpl& model,
       if (tty) {
         std::fprintf(stderr, "\r  step %lld/%lld  loss %.4f  lr %.2e  %.0f ex/s  ETA %s   ", (long long)step,
                      (long long)total, running_loss / running_count, lr, examples / std::max(elapsed, 1e-9),
-                     clock_time(elapsed / step * (total - step)).c_str());
+                     clock_time(elapsed / double(step - first_step) * double(total - step)).c_str());
       }
       if (step % eval_every == 0 || step == total) {
         MetricRow row{step, double(step) / per_epoch, running_loss / running_count, lr, evaluate(model, dev)};
@@ -165,6 +281,8 @@ inline TrainResult train(lora::models::BertForSequenceClassificationImpl& model,
     }
   }
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  result.steps = step;
+  if (!options.checkpoint_dir.empty()) std::filesystem::remove_all(options.checkpoint_dir);  // finished
   model.eval();
   return result;
 }

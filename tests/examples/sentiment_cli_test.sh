@@ -43,6 +43,37 @@ merged=$(echo -e "the film was good\nthe plot was not good" | "$bin" predict --m
 "$bin" eval --model "$backbone" --adapter "$work/run/adapter" --data "$work/dev.tsv" | grep -Eq '^accuracy [01]\.[0-9]{4}$' \
   || fail "eval printed no accuracy"
 
+# Interrupted and resumed: the same metrics (train and dev losses after the resume point
+# included) and the same adapter bytes as an uninterrupted run.
+common=(--model "$backbone" --train "$work/train.tsv" --dev "$work/dev.tsv" --steps 30 --eval-every 10 --batch-size 8 --lr 1e-3)
+"$bin" train "${common[@]}" --out "$work/whole" > /dev/null 2>&1 || fail "uninterrupted run failed"
+set +e
+"$bin" train "${common[@]}" --out "$work/split" --stop-after 15 > "$work/split.txt" 2>&1
+status=$?
+set -e
+[ "$status" -eq 130 ] || fail "an interrupted run should exit with 130 (got $status)"
+grep -q "interrupted at step 15" "$work/split.txt" || fail "no interruption message"
+[ -f "$work/split/checkpoint/state.json" ] || fail "no checkpoint written"
+"$bin" train "${common[@]}" --out "$work/split" --resume > /dev/null 2>&1 || fail "resume failed"
+cmp -s "$work/whole/metrics.jsonl" "$work/split/metrics.jsonl" || fail "resumed metrics differ from the uninterrupted run"
+cmp -s "$work/whole/adapter/adapter_model.safetensors" "$work/split/adapter/adapter_model.safetensors" \
+  || fail "resumed adapter differs from the uninterrupted run"
+[ ! -d "$work/split/checkpoint" ] || fail "a finished run should remove its checkpoint"
+
+# Ctrl-C: a real SIGINT stops after the current step with a checkpoint.
+"$bin" train --model "$backbone" --train "$work/train.tsv" --dev "$work/dev.tsv" --steps 100000 --batch-size 8 \
+  --out "$work/ctrlc" > "$work/ctrlc.txt" 2>&1 &
+pid=$!
+for _ in $(seq 1 100); do grep -q "mode lora" "$work/ctrlc.txt" 2>/dev/null && break; sleep 0.1; done
+sleep 1
+kill -INT "$pid"
+set +e
+wait "$pid"
+status=$?
+set -e
+[ "$status" -eq 130 ] || fail "Ctrl-C should end the run with 130 (got $status)"
+[ -f "$work/ctrlc/checkpoint/state.json" ] || fail "Ctrl-C left no checkpoint"
+
 # Errors name the problem.
 expect_error() {
   local pattern=$1; shift
@@ -57,4 +88,9 @@ expect_error "--lr" train --model "$backbone" --data "$work" --out "$work/x" --l
 expect_error "--mode" train --model "$backbone" --data "$work" --out "$work/x" --mode half
 expect_error "was trained on base model" predict --model "$work/run/merged" --adapter "$work/run/adapter" "x"
 expect_error "read_tsv: cannot open" eval --model "$backbone" --data "$work/none.tsv"
+expect_error "--resume: no checkpoint in" train "${common[@]}" --out "$work/nothing" --resume
+printf '[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n' > "$work/small-vocab.txt"
+mkdir -p "$work/mismatch" && cp "$backbone"/config.json "$backbone"/model.safetensors "$work/mismatch/" \
+  && cp "$work/small-vocab.txt" "$work/mismatch/vocab.txt"
+expect_error "vocab.txt of '$work/mismatch' has 5 tokens but the model's vocab_size is" predict --model "$work/mismatch" "x"
 echo "sentiment CLI: all checks passed"
