@@ -6,7 +6,7 @@ LORA_BUILD_DIR=${LORA_BUILD_DIR:-$LORA_ROOT/build}
 
 # Debian 12 packages. libopenblas0-openmp: without it LibTorch falls back to the reference
 # BLAS, ~20x slower on matmuls.
-LORA_PACKAGES=(g++ make cmake libtorch-dev libopenblas0-openmp libgtest-dev libbenchmark-dev nlohmann-json3-dev libutf8proc-dev pkg-config libcli11-dev)
+LORA_PACKAGES=(g++ make cmake libtorch-dev libopenblas0-openmp libgtest-dev libbenchmark-dev nlohmann-json3-dev libutf8proc-dev pkg-config libcli11-dev libcurl4-openssl-dev python3)
 
 lora_install_packages() {
   local missing=() package

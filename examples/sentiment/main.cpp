@@ -1,7 +1,7 @@
 // lora-sentiment: fine-tune BERT for binary sentiment with LoRA on query/value.
 //
 //   lora-sentiment                      the built-in demo: no downloads, a few minutes on 2 cores
-//   lora-sentiment train --model DIR --data DIR --out DIR [options]
+//   lora-sentiment train --model DIR --data DIR --out DIR [options]      (--hf-model NAME downloads)
 //   lora-sentiment eval --model DIR [--adapter DIR] --data FILE
 //   lora-sentiment predict --model DIR [--adapter DIR] [SENTENCE...]   (stdin when none)
 //
@@ -27,6 +27,7 @@
 #include <lora/tokenizers/wordpiece.hpp>
 #include <torch/torch.h>
 
+#include "download.hpp"
 #include "mlm.hpp"
 #include "synthetic.hpp"
 #include "training.hpp"
@@ -112,6 +113,7 @@ std::string folder_name(const std::string& path) {
 }
 
 /// Attaches a saved adapter, refusing one made for another base model unless `force`.
+/// `model_folder` is the model's folder or hub name, as `train` records it.
 void attach_adapter(lora::models::BertForSequenceClassificationImpl& model, const std::string& adapter,
                     const std::string& model_folder, bool force = false) {
   TORCH_CHECK(fs::is_directory(adapter), "adapter folder '", adapter, "' does not exist");
@@ -248,7 +250,7 @@ int run_demo(const DemoOptions& options) {
 // ---- train / eval / predict -------------------------------------------------------------
 
 struct TrainFlags {
-  std::string model, data, train_file, dev_file, out, mode = "lora";
+  std::string model, hf_model, data, train_file, dev_file, out, mode = "lora";
   LoraFlags lora;
   int64_t epochs = 3, steps = 0, batch_size = 32, max_length = 128, eval_every = 0;
   double lr = 5e-4, weight_decay = 0.01, warmup_ratio = 0.06, clip = 1.0;
@@ -279,7 +281,7 @@ int run_train(const TrainFlags& flags) {
             << " dev sentences\n";
 
   torch::manual_seed(flags.seed);
-  const auto config = adapter_config(flags.lora, flags.model);
+  const auto config = adapter_config(flags.lora, flags.hf_model.empty() ? flags.model : flags.hf_model);
   if (flags.mode == "lora") {
     lora::inject(*model, config.lora);
   } else if (flags.mode == "head") {
@@ -330,7 +332,7 @@ int run_train(const TrainFlags& flags) {
             << ", metrics.jsonl, learning_curve.svg\n";
   if (flags.merge && flags.mode != "full") {
     auto [best, unused] = load_model(flags.model);
-    attach_adapter(*best, (fs::path(flags.out) / "adapter").string(), flags.model);
+    attach_adapter(*best, (fs::path(flags.out) / "adapter").string(), config.base_model_name_or_path);
     lora::merge_and_unload(*best, /*safe_merge=*/true);
     lora::models::save_bert(*best, (fs::path(flags.out) / "merged").string(), flags.model + "/vocab.txt");
     std::cout << "wrote " << flags.out << "/merged (a plain Hugging Face BERT folder)\n";
@@ -338,10 +340,10 @@ int run_train(const TrainFlags& flags) {
   return 0;
 }
 
-int run_eval(const std::string& model_folder, const std::string& adapter, const std::string& data, int64_t batch,
-             bool force) {
+int run_eval(const std::string& model_folder, const std::string& identity, const std::string& adapter,
+             const std::string& data, int64_t batch, bool force) {
   auto [model, tokenizer] = load_model(model_folder);
-  if (!adapter.empty()) attach_adapter(*model, adapter, model_folder, force);
+  if (!adapter.empty()) attach_adapter(*model, adapter, identity, force);
   const auto examples = read_split(data).examples;
   lora::data::BatcherOptions batching;
   batching.batch_size = batch;
@@ -353,10 +355,10 @@ int run_eval(const std::string& model_folder, const std::string& adapter, const 
   return 0;
 }
 
-int run_predict(const std::string& model_folder, const std::string& adapter, std::vector<std::string> sentences,
-                const std::string& file, bool force) {
+int run_predict(const std::string& model_folder, const std::string& identity, const std::string& adapter,
+                std::vector<std::string> sentences, const std::string& file, bool force) {
   auto [model, tokenizer] = load_model(model_folder);
-  if (!adapter.empty()) attach_adapter(*model, adapter, model_folder, force);
+  if (!adapter.empty()) attach_adapter(*model, adapter, identity, force);
   if (!file.empty()) {
     std::ifstream in(file);
     TORCH_CHECK(in, "cannot open '", file, "'");
@@ -398,7 +400,9 @@ int main(int argc, char** argv) {
 
   TrainFlags train;
   auto* train_cmd = app.add_subcommand("train", "fine-tune a Hugging Face BERT folder on labelled sentences");
-  train_cmd->add_option("--model", train.model, "BERT folder: config.json, model.safetensors, vocab.txt")->required();
+  train_cmd->add_option("--model", train.model, "BERT folder: config.json, model.safetensors, vocab.txt");
+  train_cmd->add_option("--hf-model", train.hf_model,
+                        "download a Hugging Face model instead (e.g. bert-base-uncased; HF_ENDPOINT, HF_HOME)");
   train_cmd->add_option("--data", train.data, "GLUE SST-2 folder with train.tsv and dev.tsv");
   train_cmd->add_option("--train", train.train_file, "training file (.tsv: GLUE layout; else text<TAB>label)");
   train_cmd->add_option("--dev", train.dev_file, "dev file");
@@ -426,18 +430,20 @@ int main(int argc, char** argv) {
   train_cmd->add_option("--stop-after", train.stop_after, "stop as if interrupted after N steps (testing)")
       ->check(CLI::NonNegativeNumber)->group("");
 
-  std::string model_folder, adapter, data, file;
+  std::string model_folder, hf_model, adapter, data, file;
   int64_t batch = 64;
   bool force = false;
   std::vector<std::string> sentences;
   auto* eval_cmd = app.add_subcommand("eval", "accuracy, F1 and confusion matrix on a labelled file");
-  eval_cmd->add_option("--model", model_folder, "BERT folder (or a merged one)")->required();
+  eval_cmd->add_option("--model", model_folder, "BERT folder (or a merged one)");
+  eval_cmd->add_option("--hf-model", hf_model, "download a Hugging Face model instead");
   eval_cmd->add_option("--adapter", adapter, "PEFT adapter folder");
   eval_cmd->add_option("--data", data, "labelled file (.tsv: GLUE layout; else text<TAB>label)")->required();
   eval_cmd->add_option("--batch-size", batch, "batch size")->check(CLI::PositiveNumber);
   eval_cmd->add_flag("--force", force, "load an adapter trained on another base model");
   auto* predict_cmd = app.add_subcommand("predict", "label and probability for each sentence (arguments, --file or stdin)");
-  predict_cmd->add_option("--model", model_folder, "BERT folder (or a merged one)")->required();
+  predict_cmd->add_option("--model", model_folder, "BERT folder (or a merged one)");
+  predict_cmd->add_option("--hf-model", hf_model, "download a Hugging Face model instead");
   predict_cmd->add_option("--adapter", adapter, "PEFT adapter folder");
   predict_cmd->add_option("--file", file, "one sentence per line");
   predict_cmd->add_option("sentences", sentences, "sentences to classify");
@@ -446,9 +452,16 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   torch::set_num_threads(threads);
   try {
+    auto resolve = [](std::string& folder, const std::string& hub_name) {
+      TORCH_CHECK(folder.empty() != hub_name.empty(), "give --model DIR or --hf-model NAME (one of them)");
+      if (!hub_name.empty()) folder = sentiment::fetch_hf_model(hub_name);
+    };
+    if (*train_cmd) resolve(train.model, train.hf_model);
+    if (*eval_cmd || *predict_cmd) resolve(model_folder, hf_model);
+    const auto identity = hf_model.empty() ? model_folder : hf_model;  // what adapters record as their base
     if (*train_cmd) return run_train(train);
-    if (*eval_cmd) return run_eval(model_folder, adapter, data, batch, force);
-    if (*predict_cmd) return run_predict(model_folder, adapter, sentences, file, force);
+    if (*eval_cmd) return run_eval(model_folder, identity, adapter, data, batch, force);
+    if (*predict_cmd) return run_predict(model_folder, identity, adapter, sentences, file, force);
     return run_demo(demo);
   } catch (const c10::Error& error) {
     std::cerr << "lora-sentiment: " << error.what_without_backtrace() << "\n";

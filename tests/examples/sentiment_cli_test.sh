@@ -82,7 +82,7 @@ expect_error() {
   echo "$output" | grep -q -- "$pattern" || fail "for '$*' expected '$pattern', got: $output"
 }
 expect_error "model folder '$work/missing' does not exist" eval --model "$work/missing" --data "$work/dev.tsv"
-expect_error "--model is required" train --out "$work/x"
+expect_error "give --model DIR or --hf-model NAME" train --out "$work/x"
 expect_error "give --data DIR, or both --train FILE and --dev FILE" train --model "$backbone" --out "$work/x"
 expect_error "--lr" train --model "$backbone" --data "$work" --out "$work/x" --lr -1
 expect_error "--mode" train --model "$backbone" --data "$work" --out "$work/x" --mode half
@@ -93,4 +93,28 @@ printf '[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n' > "$work/small-vocab.txt"
 mkdir -p "$work/mismatch" && cp "$backbone"/config.json "$backbone"/model.safetensors "$work/mismatch/" \
   && cp "$work/small-vocab.txt" "$work/mismatch/vocab.txt"
 expect_error "vocab.txt of '$work/mismatch' has 5 tokens but the model's vocab_size is" predict --model "$work/mismatch" "x"
+# --hf-model: download from a local stand-in hub (HF_ENDPOINT), resuming a partial file.
+hub="$work/hub/test-org/tiny-bert/resolve/main"
+mkdir -p "$hub"
+cp "$backbone"/config.json "$backbone"/vocab.txt "$backbone"/model.safetensors "$hub/"
+python3 "$(dirname "$0")/hub_server.py" "$work/hub" "$work/port" &
+server=$!
+trap 'kill $server 2>/dev/null || true' EXIT
+for _ in $(seq 1 50); do [ -s "$work/port" ] && break; sleep 0.1; done
+[ -s "$work/port" ] || fail "the stand-in hub did not start"
+cached="$work/hf/lora/models--test-org--tiny-bert/main"
+mkdir -p "$cached"
+size=$(stat -c %s "$hub/model.safetensors")
+head -c $((size / 2)) "$hub/model.safetensors" > "$cached/model.safetensors.incomplete"  # an interrupted download
+out=$(HF_ENDPOINT="http://127.0.0.1:$(cat "$work/port")" HF_HOME="$work/hf" \
+  "$bin" predict --hf-model test-org/tiny-bert "the film was good")
+echo "$out" | grep -Eq $'^(positive|negative)\t[01]\\.[0-9]{4}\tthe film was good$' || fail "predict via --hf-model: $out"
+for f in config.json vocab.txt model.safetensors; do
+  cmp -s "$hub/$f" "$cached/$f" || fail "downloaded $f differs from the served one"
+done
+[ ! -e "$cached/model.safetensors.incomplete" ] || fail "the partial file was left behind"
+export HF_ENDPOINT="http://127.0.0.1:$(cat "$work/port")" HF_HOME="$work/hf"
+expect_error "HTTP 404" predict --hf-model test-org/missing "x"
+expect_error "give --model DIR or --hf-model NAME (one of them)" predict --model "$backbone" --hf-model test-org/tiny-bert "x"
+kill $server
 echo "sentiment CLI: all checks passed"
