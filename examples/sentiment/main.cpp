@@ -388,6 +388,7 @@ int run_predict(const std::string& model_folder, const std::string& identity, co
 
 int main(int argc, char** argv) {
   CLI::App app{"lora-sentiment: fine-tune BERT for sentiment with LoRA (no arguments: the built-in demo)"};
+  app.fallthrough();  // --threads also after a command
   int threads = default_threads();
   app.add_option("--threads", threads, "intra-op threads (default: all cores, or OMP_NUM_THREADS)")
       ->check(CLI::PositiveNumber);

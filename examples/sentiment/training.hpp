@@ -253,8 +253,11 @@ inline TrainResult train(lora::models::BertForSequenceClassificationImpl& model,
 
       const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       if (tty) {
-        std::fprintf(stderr, "\r  step %lld/%lld  loss %.4f  lr %.2e  %.0f ex/s  ETA %s   ", (long long)step,
-                     (long long)total, running_loss / running_count, lr, examples / std::max(elapsed, 1e-9),
+        const int filled = static_cast<int>(24 * step / total);
+        std::fprintf(stderr, "\r  [%s%s] %lld/%lld  loss %.4f  lr %.2e  %.0f ex/s  ETA %s   ",
+                     std::string(static_cast<size_t>(filled), '#').c_str(),
+                     std::string(static_cast<size_t>(24 - filled), ' ').c_str(), (long long)step, (long long)total,
+                     running_loss / running_count, lr, examples / std::max(elapsed, 1e-9),
                      clock_time(elapsed / double(step - first_step) * double(total - step)).c_str());
       }
       if (step % eval_every == 0 || step == total) {

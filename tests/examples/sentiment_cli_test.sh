@@ -22,7 +22,7 @@ grep -q "held-out accuracy" "$work/demo.txt" || fail "the demo printed no accura
   for i in $(seq 1 40); do echo -e "the film was good \t1"; echo -e "the plot was not good \t0"; done; } > "$work/train.tsv"
 { echo -e "sentence\tlabel"; echo -e "the story was good \t1"; echo -e "the acting was not good \t0"; } > "$work/dev.tsv"
 
-"$bin" train --model "$backbone" --train "$work/train.tsv" --dev "$work/dev.tsv" --out "$work/run" \
+"$bin" train --model "$backbone" --train "$work/train.tsv" --dev "$work/dev.tsv" --out "$work/run" --threads 2 \
   --steps 20 --eval-every 10 --batch-size 8 --lr 1e-3 --merge > "$work/train.txt" 2>&1 || { cat "$work/train.txt"; fail "train failed"; }
 for f in adapter/adapter_config.json adapter/adapter_model.safetensors metrics.jsonl learning_curve.svg merged/model.safetensors merged/config.json merged/vocab.txt; do
   [ -f "$work/run/$f" ] || fail "train did not write $f"
