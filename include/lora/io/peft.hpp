@@ -243,24 +243,6 @@ inline std::filesystem::path adapter_folder(const std::string& dir, const std::s
   return name == "default" ? std::filesystem::path(dir) : std::filesystem::path(dir) / name;
 }
 
-inline void write_text_atomically(const std::filesystem::path& path, const std::string& text) {
-  const auto temporary = path.string() + ".tmp-" + std::to_string(::getpid());
-  {
-    std::ofstream out(temporary, std::ios::binary | std::ios::trunc);
-    TORCH_CHECK(out, "lora: cannot write '", temporary, "'");
-    out << text;
-    out.flush();
-    if (!out) {
-      std::remove(temporary.c_str());
-      TORCH_CHECK(false, "lora: writing '", temporary, "' failed");
-    }
-  }
-  if (std::rename(temporary.c_str(), path.c_str()) != 0) {
-    std::remove(temporary.c_str());
-    TORCH_CHECK(false, "lora: cannot replace '", path.string(), "'");
-  }
-}
-
 }  // namespace detail
 
 namespace detail {
@@ -270,7 +252,9 @@ inline void write_adapter_folder(const std::filesystem::path& folder, const Adap
                                  const torch::OrderedDict<std::string, at::Tensor>& tensors) {
   std::filesystem::create_directories(folder);
   save_safetensors((folder / "adapter_model.safetensors").string(), tensors, {{"format", "pt"}});
-  write_text_atomically(folder / "adapter_config.json", config.to_json().dump(2) + "\n");
+  const auto text = config.to_json().dump(2) + "\n";
+  lora::detail::write_file_atomically((folder / "adapter_config.json").string(),
+                                      [&](std::ostream& out) { out << text; }, "lora");
 }
 
 }  // namespace detail

@@ -34,6 +34,8 @@
 #include <nlohmann/json.hpp>
 #include <torch/ordered_dict.h>
 
+#include <lora/detail/atomic_file.hpp>
+
 namespace lora::io {
 
 /// The contents of a safetensors file: tensors in file order and the `__metadata__` strings.
@@ -311,29 +313,19 @@ inline void save_safetensors(const std::string& path, const torch::OrderedDict<s
   std::string text = header.dump();
   text.append((8 - text.size() % 8) % 8, ' ');
 
-  const std::string temporary = path + ".tmp-" + std::to_string(::getpid());
-  {
-    std::ofstream out(temporary, std::ios::binary | std::ios::trunc);
-    TORCH_CHECK(out, "safetensors: cannot write '", temporary, "': ", std::strerror(errno));
-    uint8_t length[8];
-    for (int i = 0; i < 8; ++i) length[i] = static_cast<uint8_t>(static_cast<uint64_t>(text.size()) >> (8 * i));
-    out.write(reinterpret_cast<const char*>(length), 8);
-    out.write(text.data(), static_cast<std::streamsize>(text.size()));
-    for (const auto& item : items) {
-      out.write(static_cast<const char*>(item.data.data_ptr()),
-                static_cast<std::streamsize>(item.data.numel() * item.data.element_size()));
-    }
-    out.flush();
-    if (!out) {
-      std::remove(temporary.c_str());
-      TORCH_CHECK(false, "safetensors: writing '", temporary, "' failed");
-    }
-  }
-  if (std::rename(temporary.c_str(), path.c_str()) != 0) {
-    const int error = errno;
-    std::remove(temporary.c_str());
-    TORCH_CHECK(false, "safetensors: cannot replace '", path, "': ", std::strerror(error));
-  }
+  lora::detail::write_file_atomically(
+      path,
+      [&](std::ostream& out) {
+        uint8_t length[8];
+        for (int i = 0; i < 8; ++i) length[i] = static_cast<uint8_t>(static_cast<uint64_t>(text.size()) >> (8 * i));
+        out.write(reinterpret_cast<const char*>(length), 8);
+        out.write(text.data(), static_cast<std::streamsize>(text.size()));
+        for (const auto& item : items) {
+          out.write(static_cast<const char*>(item.data.data_ptr()),
+                    static_cast<std::streamsize>(item.data.numel() * item.data.element_size()));
+        }
+      },
+      "safetensors");
 }
 
 }  // namespace lora::io

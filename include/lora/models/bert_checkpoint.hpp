@@ -239,15 +239,9 @@ inline void save_bert(BertForSequenceClassificationImpl& model, const std::strin
   for (const auto& item : lora::base_state_dict(model)) tensors.insert(item.key(), item.value().to(at::kFloat));
   io::save_safetensors((fs::path(folder) / "model.safetensors").string(), tensors, {{"format", "pt"}});
 
-  const auto config_path = (fs::path(folder) / "config.json").string();
-  const auto temporary = config_path + ".tmp-" + std::to_string(::getpid());
-  {
-    std::ofstream out(temporary);
-    out << model.config.to_json().dump(2) << "\n";
-    TORCH_CHECK(out.good(), "save_bert: cannot write '", temporary, "'");
-  }
-  TORCH_CHECK(std::rename(temporary.c_str(), config_path.c_str()) == 0, "save_bert: cannot replace '", config_path,
-              "'");
+  const auto config_text = model.config.to_json().dump(2) + "\n";
+  lora::detail::write_file_atomically((fs::path(folder) / "config.json").string(),
+                                      [&](std::ostream& out) { out << config_text; }, "save_bert");
   if (!vocab_file.empty()) {
     fs::copy_file(vocab_file, fs::path(folder) / "vocab.txt", fs::copy_options::overwrite_existing);
   }
