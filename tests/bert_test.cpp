@@ -4,6 +4,7 @@
 #include <sstream>
 
 #include <lora/models/bert_checkpoint.hpp>
+#include <lora/models/bert_torchscript.hpp>
 
 #include "test_helpers.hpp"
 
@@ -160,7 +161,7 @@ TEST_F(BertTest, LoadToleratesBertModelCheckpointsOldNamesAndPretrainingHeads) {
   plain.insert("embeddings.position_ids", torch::arange(12).unsqueeze(0));
   BertForSequenceClassification fresh(tiny_config());
   std::ostringstream log;
-  const auto report = lora::models::load_bert_state(*fresh, plain, {true, &log}, "plain");
+  const auto report = lora::models::load_bert_state(*fresh, plain, {true, &log, /*init_missing_classifier=*/true}, "plain");
   EXPECT_EQ(report.initialized, (std::vector<std::string>{"classifier.weight", "classifier.bias"}));
   EXPECT_EQ(report.ignored, (std::vector<std::string>{"cls.predictions.bias", "embeddings.position_ids"}));
   EXPECT_NE(log.str().find("plain has no classifier; initialised classifier.weight, classifier.bias"), std::string::npos);
@@ -195,6 +196,46 @@ TEST_F(BertTest, StrictLoadNamesMissingUnexpectedAndMisshapenKeys) {
   lenient.strict = false;
   lenient.log = nullptr;
   EXPECT_NO_THROW(lora::models::load_bert_state(*fresh, edited("bert.pooler.dense.bias", "bert.extra.weight"), lenient));
+}
+
+TEST_F(BertTest, NonStrictPartialLoadLeavesWhatTheCheckpointLacks) {
+  // A checkpoint of the encoder only, loaded non-strictly into a model whose classifier is trained.
+  auto source = random_model();
+  auto model = random_model();
+  torch::OrderedDict<std::string, torch::Tensor> encoder;
+  for (const auto& item : lora::base_state_dict(*source)) {
+    if (item.key().rfind("bert.encoder.", 0) == 0) encoder.insert(item.key(), item.value());
+  }
+  const auto classifier = model->classifier->base_weight().detach().clone();
+  const auto pooler = model->bert->pooler->dense->base_weight().detach().clone();
+  lora::models::LoadOptions lenient;
+  lenient.strict = false;
+  lenient.log = nullptr;
+  const auto report = lora::models::load_bert_state(*model, encoder, lenient);
+  EXPECT_TRUE(torch::equal(model->classifier->base_weight(), classifier)) << "the classifier was re-initialised";
+  EXPECT_TRUE(torch::equal(model->bert->pooler->dense->base_weight(), pooler));
+  EXPECT_TRUE(report.initialized.empty());
+  EXPECT_NE(std::find(report.kept.begin(), report.kept.end(), "classifier.weight"), report.kept.end());
+  EXPECT_NE(std::find(report.kept.begin(), report.kept.end(), "bert.pooler.dense.bias"), report.kept.end());
+  EXPECT_TRUE(torch::equal(model->bert->layers[0]->as<lora::models::BertLayerImpl>()->output->dense->base_weight(),
+                           source->bert->layers[0]->as<lora::models::BertLayerImpl>()->output->dense->base_weight()));
+}
+
+TEST_F(BertTest, FilesystemAndJsonFailuresAreLibraryErrors) {
+  // A shard index whose map holds a number: nlohmann would throw its own type_error.
+  fs::create_directories(path("sharded"));
+  lora::models::save_bert(*random_model(), path("sharded"));
+  fs::remove(path("sharded/model.safetensors"));
+  std::ofstream(path("sharded/model.safetensors.index.json")) << R"({"weight_map": {"classifier.weight": 7}})";
+  LORA_EXPECT_THROWS_WITH(lora::models::load_bert_for_sequence_classification(path("sharded")),
+                          "maps 'classifier.weight' to 7, not a file name");
+  // Saving below a plain file: std::filesystem would throw filesystem_error.
+  std::ofstream(path("plain-file")) << "x";
+  LORA_EXPECT_THROWS_WITH(lora::models::save_bert(*random_model(), path("plain-file/model")), "save_bert: cannot create folder");
+  // A vocabulary that does not exist: the folder is not written at all.
+  LORA_EXPECT_THROWS_WITH(lora::models::save_bert(*random_model(), path("novocab"), path("missing-vocab.txt")),
+                          "save_bert: cannot copy vocabulary");
+  EXPECT_FALSE(fs::exists(path("novocab")));
 }
 
 TEST_F(BertTest, FolderErrors) {

@@ -1,3 +1,6 @@
+#include <cmath>
+#include <map>
+
 #include <lora/jit.hpp>
 
 #include "test_helpers.hpp"
@@ -108,7 +111,7 @@ TEST_F(JitTest, TrainingMatchesTheNativeAdapterAndTheLossFalls) {
   EXPECT_NEAR(probe_loss(jit_model), native_final, 1e-4);
   EXPECT_LT(max_abs_diff(run(scripted, probe_x), native(probe_x)), 1e-4);
   // The scripted model's own weight never moved: the adapter lives beside it.
-  const auto& W = adapters.adapters()->named_parameters()["encoder.layer.0.attention.self.query.base_layer.weight"];
+  const auto W = adapters.adapters()->named_parameters()["encoder.layer.0.attention.self.query.base_layer.weight"];
   EXPECT_TRUE(torch::equal(W, W0));
 }
 
@@ -240,4 +243,130 @@ TEST_F(JitTest, DoRAAndRankPatternsMatchTheNativeModel) {
   adapters.merge();
   EXPECT_LT(max_abs_diff(run(scripted, x), expected), 1e-5);
   EXPECT_EQ(adapters.adapter_state_dict()["base_model.model.pooler.dense.lora_A.weight"].size(0), 2);
+}
+
+TEST_F(JitTest, AFailedInjectionLeavesTheScriptedModuleAsItWas) {
+  TinyBert native;
+  auto scripted = lora::testing::scripted_twin(native);
+  std::map<std::string, torch::Tensor> before;
+  for (const auto& item : scripted.named_parameters()) before[item.name] = item.value.detach().clone();
+  auto unchanged = [&](const char* what) {
+    for (const auto& item : scripted.named_parameters()) {
+      EXPECT_TRUE(item.value.is_leaf()) << what << ": " << item.name;
+      EXPECT_FALSE(item.value.requires_grad()) << what << ": " << item.name;
+      EXPECT_TRUE(torch::equal(item.value, before.at(item.name))) << what << ": " << item.name << " changed";
+    }
+  };
+  for (const auto& item : scripted.named_parameters()) item.value.requires_grad_(false);
+  // Caught by the plan: the classifier (2 outputs) cannot take a PiSSA rank of 4.
+  JitAdapters planned(scripted);
+  LORA_EXPECT_THROWS_WITH(
+      planned.add_adapter(LoraConfig(LoRAOptions(4).alpha(8).init("pissa")).target_modules({"query", "classifier"}), "default"),
+      "module 'classifier': LoRALinear: rank 4 exceeds min(in_features, out_features) = 2");
+  unchanged("plan refusal");
+  EXPECT_TRUE(planned.target_names().empty());
+
+  // A failure while applying, at target 3 of 4 (its SVD meets a NaN): the two targets already
+  // decomposed get their weights back, bit for bit.
+  {
+    torch::NoGradGuard no_grad;
+    for (const auto& item : scripted.named_parameters()) {
+      if (item.name == "encoder.layer.1.attention.self.query.weight") item.value[0][0] = std::nan("");
+    }
+  }
+  before["encoder.layer.1.attention.self.query.weight"] =
+      scripted_weight(scripted, "encoder.layer.1.attention.self.query.weight").detach().clone();
+  JitAdapters applied(scripted);
+  LORA_EXPECT_THROWS_WITH(
+      applied.add_adapter(LoraConfig(LoRAOptions(2).alpha(4).init("pissa")).target_modules({"query", "value"})
+                              .modules_to_save({"classifier"}), "default"),
+      "module 'encoder.layer.1.attention.self.query': ");
+  for (const auto& item : scripted.named_parameters()) {
+    if (item.name == "encoder.layer.1.attention.self.query.weight") continue;  // NaN != NaN
+    EXPECT_TRUE(item.value.is_leaf()) << item.name;
+    EXPECT_TRUE(torch::equal(item.value, before.at(item.name))) << item.name << " changed";
+  }
+  EXPECT_TRUE(applied.target_names().empty());
+  EXPECT_TRUE(applied.adapters()->named_parameters().is_empty());
+}
+
+TEST_F(JitTest, AdaptersFollowTheScriptedModuleToAnotherDtype) {
+  TinyBert native;
+  auto scripted = lora::testing::scripted_twin(native);
+  const auto config = LoraConfig(LoRAOptions(4).alpha(8).use_dora(true)).target_modules({"query", "value"})
+                          .modules_to_save({"classifier"});
+  torch::manual_seed(5);
+  lora::inject(*native, config);
+  torch::manual_seed(5);
+  auto adapters = JitAdapters::inject(scripted, config);
+  {
+    torch::NoGradGuard no_grad;
+    auto native_state = lora::adapter_state_dict(*native);
+    auto jit_state = adapters.adapter_state_dict();
+    for (auto& item : native_state) {
+      const auto noise = 0.1 * torch::randn_like(item.value());
+      item.value().add_(noise);
+      jit_state[item.key()].add_(noise);
+    }
+  }
+  // Moved on its own, as a user would: the adapters follow at the next refresh.
+  scripted.to(torch::kDouble);
+  native->to(torch::kDouble);
+  for (auto& item : native->named_parameters()) {  // the native twin keeps float32 adapters too
+    if (item.key().find("lora_") != std::string::npos) item.value().set_data(item.value().to(torch::kFloat));
+  }
+  adapters.refresh();
+  const auto x = torch::randn({3, 5, lora::testing::kHidden}, torch::kDouble);
+  const auto expected = native(x).detach();
+  const auto y = run(scripted, x);
+  EXPECT_EQ(y.scalar_type(), torch::kDouble);
+  EXPECT_LT(max_abs_diff(y, expected), 1e-6);
+  y.sum().backward();
+  // The adapters keep their own dtype (float32); the base and the saved classifier follow (its
+  // stored original moves when it is used, below).
+  for (const auto& item : adapters.adapters()->named_parameters()) {
+    if (item.key().find("original_module") != std::string::npos) continue;
+    const bool adapter = item.key().find("lora_") != std::string::npos;
+    EXPECT_EQ(item.value().scalar_type(), adapter ? torch::kFloat : torch::kDouble) << item.key();
+    if (item.value().requires_grad()) EXPECT_TRUE(item.value().grad().defined()) << item.key();
+  }
+  // A merge lands in the (moved) scripted weights; unmerge restores them.
+  const auto W = adapters.adapters()->named_parameters()["encoder.layer.0.attention.self.query.base_layer.weight"];
+  EXPECT_EQ(W.scalar_type(), torch::kDouble);
+  const auto W0 = W.detach().clone();
+  adapters.merge();
+  EXPECT_LT(max_abs_diff(run(scripted, x), expected), 1e-6);
+  const auto merged = scripted_weight(scripted, "encoder.layer.0.attention.self.query.weight");
+  EXPECT_TRUE(merged.is_leaf());
+  EXPECT_GT(max_abs_diff(merged, W0), 1e-4);
+  adapters.unmerge();
+  EXPECT_LT(max_abs_diff(W, W0), 1e-12);
+  // Disabling restores the saved classifier's original values in the moved module.
+  adapters.enable_adapters(false);
+  lora::enable_adapters(*native, false);
+  // (The twin's source writes √8 with 6 digits: 1e-6 is as close as the two models ever are.)
+  EXPECT_LT(max_abs_diff(run(scripted, x), native(x)), 1e-6);
+  // to() moves both at once.
+  adapters.enable_adapters(true);
+  lora::enable_adapters(*native, true);
+  adapters.to(torch::kCPU, torch::kFloat);
+  native->to(torch::kFloat);
+  EXPECT_LT(max_abs_diff(run(scripted, x.to(torch::kFloat)), native(x.to(torch::kFloat))), 1e-5);
+  if (torch::cuda::is_available()) {
+    adapters.to(torch::kCUDA);
+    native->to(torch::kCUDA);
+    const auto on_gpu = x.to(torch::kFloat).to(torch::kCUDA);
+    EXPECT_LT(max_abs_diff(run(scripted, on_gpu).cpu(), native(on_gpu).cpu()), 1e-4);
+  }
+}
+
+TEST_F(JitTest, ASavedModuleCannotHoldATargetAndOneJitAdaptersPerModule) {
+  TinyBert native;
+  auto scripted = lora::testing::scripted_twin(native);
+  auto adapters = JitAdapters::inject(scripted, LoraConfig(LoRAOptions(2).alpha(4)).target_modules({"dense"}));
+  LORA_EXPECT_THROWS_WITH(adapters.add_adapter(LoraConfig(LoRAOptions(2)).target_modules({"query"}).modules_to_save({"pooler"}), "b"),
+                          "module 'pooler' is to be saved in full but 'pooler.dense' inside it carries LoRA adapters");
+  LORA_EXPECT_THROWS_WITH(JitAdapters::inject(scripted, LoraConfig(LoRAOptions(2)).target_modules({"query"})),
+                          "is re-parametrised by another JitAdapters");
+  EXPECT_EQ(adapters.target_names().size(), 7u);
 }

@@ -121,6 +121,34 @@ TEST_F(LoRAVariantsTest, DoRAMergeAndUnmerge) {
   EXPECT_LT(max_abs_diff(layer(x), unmerged), 1e-5);
 }
 
+TEST_F(LoRAVariantsTest, MergeStateFollowsTheLayerToAnotherDtypeAndDevice) {
+  std::vector<torch::Device> devices{torch::kCPU};
+  if (torch::cuda::is_available()) devices.emplace_back(torch::kCUDA);
+  for (const auto& device : devices) {
+    torch::nn::Linear base(16, 8);
+    const auto W0 = base->weight.detach().to(torch::kDouble).clone();
+    lora::LoRALinear<> layer(base, LoRAOptions(4).alpha(6).use_dora(true));
+    layer->add_adapter("plain", LoRAOptions(2).alpha(3));
+    layer->set_adapters({"default", "plain"});
+    randomize(layer);
+    {
+      torch::NoGradGuard no_grad;
+      layer->lora_B("plain").normal_();
+      layer->lora_magnitude_vector("default").mul_(torch::rand({8}) + 0.5);
+    }
+    const auto x = torch::randn({5, 16}, torch::kDouble);
+    layer->merge();
+    // Moved while merged: the DoRA norm stored at merge time must follow (or be moved at use).
+    layer->to(device, torch::kDouble);
+    const auto merged = layer(x.to(device)).detach();
+    layer->unmerge();
+    EXPECT_EQ(layer->base_weight().device(), device);
+    // The merge ran in float32, the unmerge in float64: float32 rounding remains.
+    EXPECT_LT(max_abs_diff(layer->base_weight().cpu(), W0), 1e-5) << device;
+    EXPECT_LT(max_abs_diff(layer(x.to(device)).cpu(), merged.cpu()), 1e-5) << device;
+  }
+}
+
 TEST_F(LoRAVariantsTest, DoRAMagnitudeGradientMatchesFiniteDifferences) {
   torch::nn::Linear base(5, 4);
   base->to(torch::kDouble);

@@ -119,6 +119,18 @@ TEST(WordPieceTest, EncodesSentencesAndPairsWithTruncation) {
   LORA_EXPECT_THROWS_WITH(tokenizer.encode("a", std::string("b"), 2), "max_length 2 leaves no room for the 3 special tokens");
 }
 
+TEST(WordPieceTest, NothingIsTruncatedUnlessAsked) {
+  // transformers' tokenizer(text) does not truncate by default; neither do encode and encode_batch.
+  const auto tokenizer = uncased();
+  std::string text;
+  for (int i = 0; i < 600; ++i) text += i ? " film" : "film";
+  EXPECT_EQ(tokenizer.encode(text).input_ids.size(), 602u);
+  EXPECT_EQ(tokenizer.encode_batch({text, "bad"}).input_ids.size(1), 602);
+  EXPECT_EQ(tokenizer.encode(text, std::nullopt, 512).input_ids.size(), 512u);
+  LORA_EXPECT_THROWS_WITH(tokenizer.encode_batch({"bad"}, 0, lora::tokenizers::Padding::kMaxLength),
+                          "padding to max_length needs max_length > 0 (got 0)");
+}
+
 TEST(WordPieceTest, PadsBatchesDynamicallyOrToAFixedLength) {
   const auto tokenizer = uncased();
   const auto batch = tokenizer.encode_batch({"the film was bad", "bad"});

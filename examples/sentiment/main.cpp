@@ -79,18 +79,16 @@ void add_lora_flags(CLI::App& app, LoraFlags& flags) {
   app.add_flag("--dora", flags.dora, "DoRA: learn a magnitude vector too");
 }
 
-lora::io::AdapterConfig adapter_config(const LoraFlags& flags, const std::string& base) {
-  lora::io::AdapterConfig config;
-  config.lora = lora::LoraConfig(lora::LoRAOptions(flags.r)
-                                     .alpha(flags.alpha)
-                                     .dropout(flags.dropout)
-                                     .use_rslora(flags.rslora)
-                                     .use_dora(flags.dora))
-                    .target_modules(split_list(flags.targets))
-                    .modules_to_save({"classifier"});
-  config.task_type = "SEQ_CLS";
-  config.base_model_name_or_path = base;
-  return config;
+lora::LoraConfig adapter_config(const LoraFlags& flags, const std::string& base) {
+  // SEQ_CLS: the classifier trains in full and is saved with the adapter, as in PEFT.
+  return lora::LoraConfig(lora::LoRAOptions(flags.r)
+                              .alpha(flags.alpha)
+                              .dropout(flags.dropout)
+                              .use_rslora(flags.rslora)
+                              .use_dora(flags.dora))
+      .target_modules(split_list(flags.targets))
+      .task_type("SEQ_CLS")
+      .base_model_name_or_path(base);
 }
 
 /// Loads a model folder and checks that its vocabulary fits the model.
@@ -118,7 +116,7 @@ void attach_adapter(lora::models::BertForSequenceClassificationImpl& model, cons
                     const std::string& model_folder, bool force = false) {
   TORCH_CHECK(fs::is_directory(adapter), "adapter folder '", adapter, "' does not exist");
   const auto config = lora::io::read_adapter_config(adapter);
-  const auto base = config.base_model_name_or_path;
+  const auto base = config.base_model_name_or_path();
   TORCH_CHECK(force || base.empty() || folder_name(base) == folder_name(model_folder), "the adapter in '", adapter,
               "' was trained on base model '", base, "', not on '", model_folder,
               "' (pass --force to load it anyway)");
@@ -211,8 +209,7 @@ int run_demo(const DemoOptions& options) {
     // The head is BERT's: pooler and classifier, trained in full in both runs.
     if (mode == "head") {
       for (auto& parameter : model->parameters()) parameter.requires_grad_(false);
-      model->classifier->add_trainable_copy("default");
-      model->bert->pooler->dense->add_trainable_copy("default");
+      lora::add_modules_to_save(*model, {"classifier", "pooler.dense"});
     } else {
       lora::inject(*model, lora::LoraConfig(lora::LoRAOptions(8).alpha(16))
                                .target_modules({"query", "value"})
@@ -283,10 +280,11 @@ int run_train(const TrainFlags& flags) {
   torch::manual_seed(flags.seed);
   const auto config = adapter_config(flags.lora, flags.hf_model.empty() ? flags.model : flags.hf_model);
   if (flags.mode == "lora") {
-    lora::inject(*model, config.lora);
+    lora::inject(*model, config);
   } else if (flags.mode == "head") {
+    // The classifier trains in place; the result is saved as a whole model, like --mode full.
     for (auto& parameter : model->parameters()) parameter.requires_grad_(false);
-    model->classifier->add_trainable_copy("default");
+    for (auto& parameter : model->classifier->parameters()) parameter.requires_grad_(true);
   } else {
     for (auto& parameter : model->parameters()) parameter.requires_grad_(true);
   }
@@ -316,10 +314,10 @@ int run_train(const TrainFlags& flags) {
   training.interrupt = &interrupted;
   std::signal(SIGINT, on_interrupt);
   auto save_best = [&](int64_t) {
-    if (flags.mode == "full") {
+    if (flags.mode != "lora") {
       lora::models::save_bert(*model, (fs::path(flags.out) / "best").string(), flags.model + "/vocab.txt");
     } else {
-      lora::io::save_adapter(*model, config, (fs::path(flags.out) / "adapter").string());
+      lora::io::save_adapter(*model, (fs::path(flags.out) / "adapter").string());
     }
   };
   const auto result = sentiment::train(*model, train_set, dev, training, save_best);
@@ -328,11 +326,11 @@ int run_train(const TrainFlags& flags) {
       << sentiment::learning_curve_svg(result.history, "lora-sentiment: " + flags.mode);
   std::cout << std::fixed << std::setprecision(4) << "best dev accuracy " << result.best.accuracy << " (F1 "
             << result.best.f1 << ") at step " << result.best_step << "; " << std::setprecision(1) << result.seconds
-            << " s\nwrote " << flags.out << "/" << (flags.mode == "full" ? "best" : "adapter")
+            << " s\nwrote " << flags.out << "/" << (flags.mode != "lora" ? "best" : "adapter")
             << ", metrics.jsonl, learning_curve.svg\n";
-  if (flags.merge && flags.mode != "full") {
+  if (flags.merge && flags.mode == "lora") {
     auto [best, unused] = load_model(flags.model);
-    attach_adapter(*best, (fs::path(flags.out) / "adapter").string(), config.base_model_name_or_path);
+    attach_adapter(*best, (fs::path(flags.out) / "adapter").string(), config.base_model_name_or_path());
     lora::merge_and_unload(*best, /*safe_merge=*/true);
     lora::models::save_bert(*best, (fs::path(flags.out) / "merged").string(), flags.model + "/vocab.txt");
     std::cout << "wrote " << flags.out << "/merged (a plain Hugging Face BERT folder)\n";

@@ -1,8 +1,9 @@
 #pragma once
 
 /// \file
-/// `LoraConfig`: what to adapt in a model and how, PEFT's `LoraConfig`.
+/// `LoraConfig`: what to adapt in a model and how, PEFT's `LoraConfig`; `BiasMode`.
 
+#include <algorithm>
 #include <cstdint>
 #include <set>
 #include <string>
@@ -13,20 +14,48 @@
 #include <torch/arg.h>
 
 #include <lora/options.hpp>
-#include <lora/trainable.hpp>
 
 namespace lora {
+
+/// Which biases train besides the adapters (PEFT's `bias`).
+enum class BiasMode {
+  kNone,      ///< "none": no bias trains.
+  kAll,       ///< "all": every bias in the model trains (saved with the adapter).
+  kLoraOnly,  ///< "lora_only": the biases of layers that carry a LoRA adapter train (saved with it).
+};
+
+/// Parses "none", "all" or "lora_only".
+inline BiasMode parse_bias(const std::string& bias) {
+  if (bias == "none") return BiasMode::kNone;
+  if (bias == "all") return BiasMode::kAll;
+  if (bias == "lora_only") return BiasMode::kLoraOnly;
+  TORCH_CHECK(false, "lora: unknown bias mode '", bias, "' (expected one of: none, all, lora_only)");
+  return BiasMode::kNone;  // unreachable
+}
+
+inline std::string to_string(BiasMode bias) {
+  switch (bias) {
+    case BiasMode::kNone: return "none";
+    case BiasMode::kAll: return "all";
+    case BiasMode::kLoraOnly: return "lora_only";
+  }
+  TORCH_INTERNAL_ASSERT(false, "unhandled BiasMode");
+  return {};  // unreachable
+}
 
 /// Ordered (key regex, value) overrides; the first matching key wins, as in PEFT.
 using RankPattern = std::vector<std::pair<std::string, int64_t>>;
 using AlphaPattern = std::vector<std::pair<std::string, double>>;
 
-/// The configuration of one adapter over a whole model: the per-layer options plus which
-/// modules get adapters.
+/// The configuration of one adapter over a whole model: the per-layer options, which modules
+/// get adapters, and PEFT's bookkeeping fields that `adapter_config.json` carries.
+///
+/// `inject` remembers the config an adapter was attached with, so that saving it needs no
+/// second copy (see `lora::io::save_adapter`).
 ///
 ///     auto config = lora::LoraConfig(lora::LoRAOptions(8).alpha(16))
 ///                       .target_modules({"query", "value"})
-///                       .modules_to_save({"classifier"});
+///                       .task_type("SEQ_CLS");   // the classifier trains in full, as in PEFT
 ///     lora::inject(*model, config);
 struct LoraConfig {
   /* implicit */ LoraConfig(LoRAOptions adapter = {}) : adapter_(std::move(adapter)) {}
@@ -40,27 +69,49 @@ struct LoraConfig {
   /// Alternatively a regular expression that must match the whole qualified name
   /// (PEFT's `target_modules` given as a string). Default: empty (unused).
   TORCH_ARG(std::string, target_regex);
-  /// Modules never adapted, by the same name rule as `target_modules`. Default: none.
+  /// Modules never adapted, by the same name rule as `target_modules`; each entry must match a
+  /// module of the model. Default: none.
   TORCH_ARG(std::vector<std::string>, exclude_modules);
   /// Only adapt layers whose index (the number after `layers_pattern`, or after any
-  /// `<name>.<number>.` in the path) is listed. Default: all layers.
+  /// `<name>.<number>.` in the path) is listed; each index must exist. Default: all layers.
   TORCH_ARG(std::vector<int64_t>, layers_to_transform);
   /// Names of the module lists holding the layers, e.g. {"layer"} for BERT. Default: any.
   TORCH_ARG(std::vector<std::string>, layers_pattern);
   /// Per-module rank overrides: key regex → r, matched against the end of the qualified name
-  /// (`(.*\.)?key`), first match wins. Default: none.
+  /// (`(.*\.)?key`), first match wins; each key must match an adapted module. Default: none.
   TORCH_ARG(RankPattern, rank_pattern);
   /// Per-module alpha overrides, matched like `rank_pattern`. Default: none.
   TORCH_ARG(AlphaPattern, alpha_pattern);
   /// Modules trained in full next to the adapters (e.g. {"classifier"}), by the name rule of
-  /// `target_modules`; their original weights are kept. Default: none.
+  /// `target_modules`; their original weights are kept. Each entry must match a module.
+  /// Default: none.
   TORCH_ARG(std::vector<std::string>, modules_to_save);
-  /// Which biases train besides the adapters. Default: none.
+  /// Which biases train (and are saved) besides the adapters. Default: none.
   TORCH_ARG(BiasMode, bias) = BiasMode::kNone;
+  /// PEFT's task type. "SEQ_CLS" also trains and saves a module named `classifier` or
+  /// `score` when the model has one, as PEFT's sequence-classification model does. Default:
+  /// empty (none).
+  TORCH_ARG(std::string, task_type);
+  /// Where the base model comes from, written into adapter_config.json. Default: empty.
+  TORCH_ARG(std::string, base_model_name_or_path);
+  /// The base model's revision, written into adapter_config.json. Default: empty (null).
+  TORCH_ARG(std::string, revision);
 
  public:
   /// True when `target_modules` is PEFT's {"all-linear"}.
   bool all_linear() const { return target_modules_.size() == 1 && target_modules_.front() == "all-linear"; }
+
+  /// The module names the task type adds to `modules_to_save` (optional: they need not exist).
+  std::vector<std::string> implied_modules_to_save() const {
+    if (task_type_ != "SEQ_CLS") return {};
+    std::vector<std::string> implied;
+    for (const std::string name : {"classifier", "score"}) {
+      if (std::find(modules_to_save_.begin(), modules_to_save_.end(), name) == modules_to_save_.end()) {
+        implied.push_back(name);
+      }
+    }
+    return implied;
+  }
 
   /// Checks what does not depend on the model; throws naming the bad value.
   void validate() const {
@@ -74,8 +125,18 @@ struct LoraConfig {
       TORCH_CHECK(name != "all-linear" || target_modules_.size() == 1,
                   "LoraConfig: 'all-linear' must be the only entry of target_modules");
     }
+    for (const auto* list : {&exclude_modules_, &modules_to_save_}) {
+      for (const auto& name : *list) {
+        TORCH_CHECK(!name.empty(), "LoraConfig: ", list == &exclude_modules_ ? "exclude_modules" : "modules_to_save",
+                    " contains an empty name");
+      }
+    }
     TORCH_CHECK(layers_pattern_.empty() || !layers_to_transform_.empty(),
                 "LoraConfig: layers_pattern needs layers_to_transform");
+    // PEFT refuses the combination (LoraConfig.__post_init__): a file with both would not load there.
+    TORCH_CHECK(target_regex_.empty() || layers_to_transform_.empty(),
+                "LoraConfig: layers_to_transform cannot be used with target_regex (PEFT refuses it); put the layer "
+                "numbers in the regular expression");
     for (const auto index : layers_to_transform_) {
       TORCH_CHECK(index >= 0, "LoraConfig: layers_to_transform must hold layer indices >= 0 (got ", index, ")");
     }
@@ -86,7 +147,8 @@ struct LoraConfig {
     }
     for (const auto& [key, alpha] : alpha_pattern_) {
       TORCH_CHECK(keys.insert("a:" + key).second, "LoraConfig: alpha_pattern lists '", key, "' twice");
-      TORCH_CHECK(alpha > 0, "LoraConfig: alpha_pattern['", key, "'] must be > 0 (got ", alpha, ")");
+      TORCH_CHECK(std::isfinite(alpha) && alpha > 0, "LoraConfig: alpha_pattern['", key,
+                  "'] must be finite and > 0 (got ", alpha, ")");
     }
   }
 };

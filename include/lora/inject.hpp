@@ -2,233 +2,380 @@
 
 /// \file
 /// Attach adapters to a native LibTorch model, and the model-level operations on them:
-/// activate, disable, delete, merge, unload, adapter state with PEFT's key names.
+/// activate, disable, delete, merge, unload. Every operation checks the whole model first and
+/// is all or nothing: a failure part-way restores what it had changed.
 ///
 /// Adapters attach *in place* to layers the model declares as `lora::LoRALinear<>` (which
 /// behave exactly like `torch::nn::Linear` until an adapter is attached), so they are on the
 /// forward path by construction. A target that is a plain `torch::nn::Linear` is refused:
 /// LibTorch's `replace_module` cannot reach the parent's typed member that `forward` calls.
+/// Saved modules (`modules_to_save`) can be of any type (see `ModulesToSave`).
 
 #include <algorithm>
 #include <map>
 #include <memory>
-#include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <c10/util/Exception.h>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/linear.h>
-#include <torch/ordered_dict.h>
 
 #include <lora/config.hpp>
 #include <lora/detail/strings.hpp>
+#include <lora/detail/undo.hpp>
 #include <lora/layer.hpp>
+#include <lora/modules_to_save.hpp>
+#include <lora/plan.hpp>
+#include <lora/state_dict.hpp>
 #include <lora/target.hpp>
 #include <lora/trainable.hpp>
 
 namespace lora {
 
-/// What `inject` attached where.
-struct InjectionReport {
-  struct Entry {
-    std::string module;  ///< qualified module name
-    bool saved = false;  ///< a trainable copy (modules_to_save) rather than a low-rank adapter
-    int64_t r = 0;
-    double alpha = 0;
-    double scaling = 0;
-  };
-  std::string adapter_name;
-  std::vector<Entry> entries;
-
-  /// Qualified names of the modules given low-rank adapters, in model order.
-  std::vector<std::string> adapted_modules() const { return names(false); }
-  /// Qualified names of the modules saved as trainable copies.
-  std::vector<std::string> saved_modules() const { return names(true); }
-
-  /// One line per module: "bert.encoder.layer.0.attention.self.query: r=8 alpha=16 (scaling 2)".
-  std::string to_string() const {
-    std::ostringstream out;
-    out << "adapter '" << adapter_name << "': " << adapted_modules().size() << " adapted, " << saved_modules().size()
-        << " saved\n";
-    for (const auto& entry : entries) {
-      out << "  " << entry.module << ": ";
-      if (entry.saved) {
-        out << "trainable copy\n";
-      } else {
-        out << "r=" << entry.r << " alpha=" << entry.alpha << " (scaling " << entry.scaling << ")\n";
-      }
-    }
-    return out.str();
-  }
-
- private:
-  std::vector<std::string> names(bool saved) const {
-    std::vector<std::string> out;
-    for (const auto& entry : entries) {
-      if (entry.saved == saved) out.push_back(entry.module);
-    }
-    return out;
-  }
-};
-
 namespace detail {
 
-/// A readable type name for error messages.
-inline std::string module_type(const torch::nn::Module& module) {
-  return module.name();
+/// The parent of the module at `path` and the child's name in it.
+inline std::pair<torch::nn::Module*, std::string> parent_of(torch::nn::Module& model, const std::string& path) {
+  const auto dot = path.rfind('.');
+  if (dot == std::string::npos) return {&model, path};
+  const auto modules = model.named_modules("", /*include_self=*/false);
+  const auto* parent = modules.find(path.substr(0, dot));
+  TORCH_INTERNAL_ASSERT(parent != nullptr, "no parent module for '", path, "'");
+  return {parent->get(), path.substr(dot + 1)};
 }
 
-/// True for a module that lives inside a LoRA layer (its base layer or adapter parts).
-inline bool inside_lora_layer(const std::string& name, const std::vector<std::string>& lora_names) {
-  return std::any_of(lora_names.begin(), lora_names.end(), [&](const std::string& outer) {
-    return name.size() > outer.size() + 1 && name.compare(0, outer.size() + 1, outer + ".") == 0;
-  });
+/// PEFT's rule for modules_to_save: the name ends with the entry, no dot boundary.
+inline bool ends_with(const std::string& name, const std::string& key) {
+  return name.size() >= key.size() && name.compare(name.size() - key.size(), key.size(), key) == 0;
 }
 
-/// Every adapter name any layer of `model` holds.
-inline std::vector<std::string> all_adapter_names(const torch::nn::Module& model) {
-  std::vector<std::string> names;
-  for (const auto& item : lora_layers(model)) {
-    for (const auto& name : item.second->adapter_names()) {
-      if (std::find(names.begin(), names.end(), name) == names.end()) names.push_back(name);
+/// The modules of `model` a config can select, in model order, with their objects: adapter
+/// layers are leaves (their insides are their own business).
+inline std::vector<std::pair<ModuleEntry, std::shared_ptr<torch::nn::Module>>> selectable_modules(
+    const torch::nn::Module& model) {
+  std::vector<std::pair<ModuleEntry, std::shared_ptr<torch::nn::Module>>> modules;
+  std::vector<std::string> holders;
+  for (const auto& item : model.named_modules("", /*include_self=*/false)) {
+    const auto& name = item.key();
+    if (std::any_of(holders.begin(), holders.end(), [&](const std::string& outer) { return inside(name, outer); })) {
+      continue;
     }
+    const auto& module = item.value();
+    bool linear = std::dynamic_pointer_cast<LoRALayer>(module) != nullptr ||
+                  std::dynamic_pointer_cast<torch::nn::LinearImpl>(module) != nullptr;
+    if (auto saved = std::dynamic_pointer_cast<ModulesToSaveImpl>(module)) {
+      linear = std::dynamic_pointer_cast<LoRALayer>(saved->module()) != nullptr ||
+               std::dynamic_pointer_cast<torch::nn::LinearImpl>(saved->module()) != nullptr;
+    }
+    if (std::dynamic_pointer_cast<AdapterLayer>(module)) holders.push_back(name);
+    modules.push_back({{name, linear}, module});
   }
-  return names;
+  return modules;
 }
 
-inline void check_model_adapter(const torch::nn::Module& model, const std::string& name, const char* operation) {
-  const auto names = all_adapter_names(model);
-  TORCH_CHECK(std::find(names.begin(), names.end(), name) != names.end(), "lora: cannot ", operation,
-              " unknown adapter '", name, "' (the model has: ", join(names), ")");
+/// PEFT allows one adapter per model when any adapter trains biases: whose biases would they be?
+inline void check_bias_adapters(const torch::nn::Module& model, const LoraConfig& config, const char* who) {
+  for (const auto& name : all_adapter_names(model)) {
+    const auto other = model_adapter_config(model, name);
+    const bool biased = config.bias() != BiasMode::kNone || (other && other->bias() != BiasMode::kNone);
+    TORCH_CHECK(!biased, who, ": the model already has adapter '", name, "'; with bias '", to_string(config.bias()),
+                "'", other ? " (and '" + to_string(other->bias()) + "' for '" + name + "')" : std::string(),
+                " only one adapter is supported, as in PEFT (the biases would be shared)");
+  }
+}
+
+/// Does this init rewrite the base weight (PiSSA, OLoRA)?
+inline bool rewrites_base_weight(const LoRAOptions& options) {
+  const auto kind = parse_init(options.init()).kind;
+  return kind == InitKind::kPiSSA || kind == InitKind::kOLoRA;
+}
+
+/// Adds the plan's adapter to one layer, recording how to take it off again (and, for an
+/// initialisation that rewrites the base weight, how to put the weight back).
+inline void add_adapter_undoably(const std::shared_ptr<LoRALayer>& layer, const AdapterPlan& plan,
+                                 const Selection& selection, UndoLog& undo, const char* who) {
+  if (rewrites_base_weight(selection.options)) {
+    undo.add([layer, kept = layer->base_weight().detach().clone()] {
+      torch::NoGradGuard no_grad;
+      layer->base_weight().copy_(kept);
+    });
+  }
+  try {
+    layer->add_adapter(plan.adapter_name, selection.options, plan.config);
+  } catch (const c10::Error& error) {
+    TORCH_CHECK(false, who, ": module '", selection.name, "': ", error.what_without_backtrace());
+  }
+  undo.add([layer, name = plan.adapter_name] { layer->delete_adapter(name); });
 }
 
 }  // namespace detail
 
-/// Attaches adapter `adapter_name` to every module of `model` that `config` selects and returns
-/// what was attached where. Nothing is changed when any check fails.
-///
-/// Errors: no module matches (the message lists the linear modules that exist); a match that
-/// is not a LoRA-adaptable layer (names its type; for a plain `torch::nn::Linear` says how to
-/// make it adaptable); the adapter name already present on a matched layer.
-///
-///     auto report = lora::inject(*model, lora::LoraConfig(lora::LoRAOptions(8).alpha(16))
-///                                            .target_modules({"query", "value"})
-///                                            .modules_to_save({"classifier"}));
-inline InjectionReport inject(torch::nn::Module& model, const LoraConfig& config,
-                              const std::string& adapter_name = "default") {
+/// Plans adapter `adapter_name` on `model` as `config` selects it, with every check
+/// `inject` makes, changing nothing. Throws naming the module and the problem.
+inline AdapterPlan plan_injection(const torch::nn::Module& model, const LoraConfig& config,
+                                  const std::string& adapter_name = "default") {
   const TargetMatcher matcher(config);
-  const auto layers = lora_layers(model);
-  std::vector<std::string> layer_names;
-  for (const auto& item : layers) layer_names.push_back(item.first);
-
-  // Every module outside LoRA layers, in model order, and whether it is linear (adaptable or not).
-  std::vector<std::pair<std::string, bool>> names;
+  detail::check_bias_adapters(model, config, "lora::inject");
+  const auto modules = detail::selectable_modules(model);
   std::map<std::string, std::shared_ptr<torch::nn::Module>> by_name;
-  for (const auto& item : model.named_modules("", /*include_self=*/false)) {
-    if (detail::inside_lora_layer(item.key(), layer_names)) continue;
-    const bool linear = std::dynamic_pointer_cast<LoRALayer>(item.value()) != nullptr ||
-                        std::dynamic_pointer_cast<torch::nn::LinearImpl>(item.value()) != nullptr;
-    names.emplace_back(item.key(), linear);
-    by_name[item.key()] = item.value();
+  std::vector<ModuleEntry> entries;
+  for (const auto& [entry, module] : modules) {
+    entries.push_back(entry);
+    by_name[entry.name] = module;
   }
-
-  struct Plan {
-    Selection selection;
-    std::shared_ptr<LoRALayer> layer;
-  };
-  std::vector<Plan> plans;
-  for (auto& selection : select_modules(matcher, names, "lora::inject", "linear modules in the model")) {
+  AdapterPlan plan{adapter_name, std::make_shared<const LoraConfig>(config), {}};
+  for (auto& selection : select_modules(matcher, entries, "lora::inject", "linear modules in the model")) {
     const auto& module = by_name.at(selection.name);
+    auto wrapper = std::dynamic_pointer_cast<ModulesToSaveImpl>(module);
+    if (selection.saved) {
+      try {
+        wrapper ? wrapper->check_add_adapter(adapter_name)
+                : ModulesToSaveImpl::check_wrappable(module, selection.name);
+      } catch (const c10::Error& error) {
+        TORCH_CHECK(false, "lora::inject: module '", selection.name, "': ", error.what_without_backtrace());
+      }
+      plan.modules.push_back(std::move(selection));
+      continue;
+    }
+    TORCH_CHECK(!wrapper, "lora::inject: module '", selection.name, "' matches the targets but is saved in full for "
+                "adapter(s) ", wrapper ? detail::join(wrapper->adapter_names()) : "",
+                " (modules_to_save); a module is adapted or saved, not both");
     auto layer = std::dynamic_pointer_cast<LoRALayer>(module);
     if (!layer) {
       TORCH_CHECK(!std::dynamic_pointer_cast<torch::nn::LinearImpl>(module), "lora::inject: module '", selection.name,
                   "' is a plain torch::nn::Linear. The model's forward calls it through its own typed member, "
                   "which replace_module cannot reach, so an adapter attached there would never run. Declare it as "
                   "lora::LoRALinear<> (it behaves exactly like torch::nn::Linear until an adapter is attached)");
-      TORCH_CHECK(false, "lora::inject: module '", selection.name, "' (", detail::module_type(*module), ") matches ",
-                  selection.saved ? "modules_to_save" : "the targets",
-                  " but is not a Linear layer; supported: lora::LoRALinear<Base> (Linear-like layers)");
+      TORCH_CHECK(false, "lora::inject: module '", selection.name, "' (", module->name(),
+                  ") matches the targets but is not a Linear layer; supported: lora::LoRALinear<Base> (Linear-like "
+                  "layers)");
     }
     TORCH_CHECK(!layer->has_adapter(adapter_name), "lora::inject: adapter '", adapter_name,
                 "' is already attached to '", selection.name, "'");
-    try {  // every layer-level check, before any layer changes
-      selection.saved ? layer->check_add_trainable_copy(adapter_name)
-                      : layer->check_add_adapter(adapter_name, selection.options);
+    try {
+      layer->check_add_adapter(adapter_name, selection.options);
     } catch (const c10::Error& error) {
       TORCH_CHECK(false, "lora::inject: module '", selection.name, "': ", error.what_without_backtrace());
     }
-    plans.push_back({std::move(selection), layer});
+    plan.modules.push_back(std::move(selection));
   }
+  return plan;
+}
 
-  InjectionReport report;
-  report.adapter_name = adapter_name;
-  for (const auto& [selection, layer] : plans) {
-    const auto& options = selection.options;
+/// Applies a plan made by `plan_injection` for this model: attaches the adapters, wraps the
+/// saved modules and freezes everything but the active adapters (and the chosen biases), as
+/// PEFT's `get_peft_model` does (unless `freeze_the_rest` is false). All or nothing: on a failure part-way (a PiSSA decomposition
+/// that does not converge, say) every change is undone, base weights included.
+namespace detail {
+
+/// `apply_plan`, recording the inverse of every change in `undo` (the caller commits).
+inline InjectionReport apply_plan(torch::nn::Module& model, const AdapterPlan& plan, bool freeze_the_rest,
+                                  UndoLog& undo) {
+  // Initialisations draw from the generator: a failed attempt must not shift a seeded run.
+  auto generator = at::detail::getDefaultCPUGenerator();
+  undo.add([generator, state = generator.get_state()]() mutable { generator.set_state(state); });
+  std::vector<std::pair<at::Tensor, bool>> flags;
+  for (const auto& parameter : model.parameters()) flags.emplace_back(parameter, parameter.requires_grad());
+  undo.add([flags] {
+    for (const auto& [parameter, requires_grad] : flags) parameter.requires_grad_(requires_grad);
+  });
+  const auto modules = model.named_modules("", /*include_self=*/false);
+  const auto& name = plan.adapter_name;
+  for (const auto& selection : plan.modules) {
+    const auto* found = modules.find(selection.name);
+    TORCH_CHECK(found != nullptr, "lora::apply_plan: the model has no module '", selection.name,
+                "' (was the plan made for another model?)");
+    const auto module = *found;
     if (selection.saved) {
-      layer->add_trainable_copy(adapter_name);
-      report.entries.push_back({selection.name, true, 0, 0, 0});
-    } else {
-      layer->add_adapter(adapter_name, options);
-      report.entries.push_back({selection.name, false, options.r(), options.alpha(), options.scaling()});
+      if (auto wrapper = std::dynamic_pointer_cast<ModulesToSaveImpl>(module)) {
+        wrapper->add_adapter(name, plan.config);
+        undo.add([wrapper, name] { wrapper->delete_adapter(name); });
+        continue;
+      }
+      auto [parent, child] = parent_of(model, selection.name);
+      auto wrapper = std::make_shared<ModulesToSaveImpl>(module);
+      wrapper->add_adapter(name, plan.config);
+      parent->replace_module(child, wrapper);
+      undo.add([parent = parent, child = child, wrapper] { parent->replace_module(child, wrapper->release(false)); });
+      continue;
     }
+    auto layer = std::dynamic_pointer_cast<LoRALayer>(module);
+    TORCH_CHECK(layer != nullptr, "lora::apply_plan: module '", selection.name, "' is not a LoRA layer");
+    add_adapter_undoably(layer, plan, selection, undo, "lora::inject");
   }
-  // As PEFT's get_peft_model: everything but the active adapters (and chosen biases) freezes.
-  mark_only_lora_as_trainable(model, config.bias());
+  if (freeze_the_rest) mark_only_lora_as_trainable(model, plan.config->bias());
+  return plan.report();
+}
+
+}  // namespace detail
+
+inline InjectionReport apply_plan(torch::nn::Module& model, const AdapterPlan& plan, bool freeze_the_rest = true) {
+  detail::UndoLog undo;
+  auto report = detail::apply_plan(model, plan, freeze_the_rest, undo);
+  undo.commit();
   return report;
+}
+
+/// Attaches adapter `adapter_name` to every module of `model` that `config` selects and returns
+/// what was attached where. The model remembers `config` for this adapter (saving it needs no
+/// second copy). Nothing is changed when any check fails or the attachment fails part-way.
+///
+/// Errors: no module matches (the message lists the linear modules that exist); a
+/// `modules_to_save`, `exclude_modules`, pattern or layer entry that selects nothing; a match
+/// that is not a LoRA-adaptable layer (names its type; for a plain `torch::nn::Linear` says
+/// how to make it adaptable); the adapter name already present on a matched layer.
+///
+///     auto report = lora::inject(*model, lora::LoraConfig(lora::LoRAOptions(8).alpha(16))
+///                                            .target_modules({"query", "value"})
+///                                            .modules_to_save({"classifier"}));
+inline InjectionReport inject(torch::nn::Module& model, const LoraConfig& config,
+                              const std::string& adapter_name = "default") {
+  return apply_plan(model, plan_injection(model, config, adapter_name));
+}
+
+/// Trains `names` in full as adapter `adapter_name` without any low-rank adapter (a
+/// head-only baseline): each module whose name ends with an entry gets a trainable copy,
+/// its original kept. Nothing else is frozen or unfrozen. All or nothing. PEFT has no file
+/// format for an adapter without low-rank parts, so such an adapter cannot be saved with
+/// `save_adapter` (save the model after `merge_and_unload` instead).
+///
+///     lora::add_modules_to_save(*model, {"classifier", "pooler.dense"});
+inline InjectionReport add_modules_to_save(torch::nn::Module& model, const std::vector<std::string>& names,
+                                           const std::string& adapter_name = "default") {
+  TORCH_CHECK(!names.empty(), "lora::add_modules_to_save: no module names given");
+  const auto existing = detail::all_adapter_names(model);
+  TORCH_CHECK(std::find(existing.begin(), existing.end(), adapter_name) == existing.end(),
+              "lora::add_modules_to_save: the model already has adapter '", adapter_name,
+              "'; save modules with it through its LoraConfig (modules_to_save), or use another name");
+  detail::check_bias_adapters(model, LoraConfig(), "lora::add_modules_to_save");
+  const auto modules = detail::selectable_modules(model);
+  std::vector<ModuleEntry> entries;
+  for (const auto& item : modules) entries.push_back(item.first);
+  for (const auto& key : names) {
+    TORCH_CHECK(!key.empty(), "lora::add_modules_to_save: an entry is empty");
+    const bool found = std::any_of(entries.begin(), entries.end(),
+                                   [&](const ModuleEntry& entry) { return detail::ends_with(entry.name, key); });
+    TORCH_CHECK(found, "lora::add_modules_to_save: entry '", key, "' matches no module; module names end with: ",
+                detail::some(detail::name_endings(entries), 40));
+  }
+  AdapterPlan plan{adapter_name, std::make_shared<const LoraConfig>(LoraConfig().modules_to_save(names)), {}};
+  std::vector<std::string> roots;
+  for (const auto& [entry, module] : modules) {
+    const bool named = std::any_of(names.begin(), names.end(),
+                                   [&](const std::string& key) { return detail::ends_with(entry.name, key); });
+    const bool nested = std::any_of(roots.begin(), roots.end(),
+                                    [&](const std::string& root) { return detail::inside(entry.name, root); });
+    if (!named || nested) continue;
+    auto wrapper = std::dynamic_pointer_cast<ModulesToSaveImpl>(module);
+    try {
+      wrapper ? wrapper->check_add_adapter(adapter_name) : ModulesToSaveImpl::check_wrappable(module, entry.name);
+    } catch (const c10::Error& error) {
+      TORCH_CHECK(false, "lora::add_modules_to_save: module '", entry.name, "': ", error.what_without_backtrace());
+    }
+    roots.push_back(entry.name);
+    plan.modules.push_back({entry.name, true, LoRAOptions()});
+  }
+  return apply_plan(model, plan, /*freeze_the_rest=*/false);
+}
+
+/// Freezes (`trainable = false`) or unfreezes adapter `name` in every layer that holds it, for
+/// good: a frozen adapter does not train even when active. Its trained biases follow.
+inline void set_adapter_trainable(torch::nn::Module& model, const std::string& name, bool trainable) {
+  detail::check_model_adapter(model, name, "freeze");
+  for (const auto& item : detail::layers_with(model, name)) item.second->set_trainable(name, trainable);
+  for (auto& item : detail::trained_biases(model, name)) item.second.requires_grad_(trainable);
 }
 
 /// Activates `name` in every layer that has it; layers without it compute their base output.
 inline void set_adapter(torch::nn::Module& model, const std::string& name) {
   detail::check_model_adapter(model, name, "activate");
-  for (const auto& item : lora_layers(model)) {
-    auto& layer = *item.second;
-    layer.set_adapters(layer.has_adapter(name) ? std::vector<std::string>{name} : std::vector<std::string>{});
-  }
+  const auto layers = adapter_layers(model);
+  auto wanted = [&](const AdapterLayer& layer) {
+    return layer.has_adapter(name) ? std::vector<std::string>{name} : std::vector<std::string>{};
+  };
+  for (const auto& item : layers) item.second->check_set_adapters(wanted(*item.second));
+  for (const auto& item : layers) item.second->set_adapters(wanted(*item.second));
 }
 
-/// Activates several adapters; each layer activates those of them it has.
+/// Activates several adapters; each layer activates those of them it has. A saved module can
+/// have only one of them active.
 inline void set_adapters(torch::nn::Module& model, const std::vector<std::string>& names) {
   for (const auto& name : names) detail::check_model_adapter(model, name, "activate");
-  for (const auto& item : lora_layers(model)) {
+  const auto layers = adapter_layers(model);
+  auto wanted = [&](const AdapterLayer& layer) {
     std::vector<std::string> present;
     for (const auto& name : names) {
-      if (item.second->has_adapter(name)) present.push_back(name);
+      if (layer.has_adapter(name)) present.push_back(name);
     }
-    item.second->set_adapters(present);
+    return present;
+  };
+  for (const auto& [path, layer] : layers) {
+    try {
+      layer->check_set_adapters(wanted(*layer));
+    } catch (const c10::Error& error) {
+      TORCH_CHECK(false, "lora::set_adapters: module '", path, "': ", error.what_without_backtrace());
+    }
   }
+  for (const auto& item : layers) item.second->set_adapters(wanted(*item.second));
 }
 
 /// `enable_adapters(model, false)`: the model computes its base output (merged layers are
-/// unmerged first); `true` restores the active adapters.
+/// unmerged first, saved modules hold their original values); `true` restores the adapters.
 inline void enable_adapters(torch::nn::Module& model, bool enabled) {
-  for (const auto& item : lora_layers(model)) item.second->enable_adapters(enabled);
+  for (const auto& item : adapter_layers(model)) item.second->enable_adapters(enabled);
 }
 
-/// Removes adapter `name` from every layer that has it.
+/// Removes adapter `name` from every layer that has it. Refused (changing nothing) while it is
+/// merged anywhere.
 inline void delete_adapter(torch::nn::Module& model, const std::string& name) {
   detail::check_model_adapter(model, name, "delete");
-  for (const auto& item : lora_layers(model)) {
-    if (item.second->has_adapter(name)) item.second->delete_adapter(name);
+  const auto layers = detail::layers_with(model, name);
+  for (const auto& [path, layer] : layers) {
+    try {
+      layer->check_delete_adapter(name);
+    } catch (const c10::Error& error) {
+      TORCH_CHECK(false, "lora::delete_adapter: module '", path, "': ", error.what_without_backtrace());
+    }
   }
+  for (const auto& item : layers) item.second->delete_adapter(name);
 }
 
-/// Merges the active adapters of every layer into its base weight. With `safe_merge`, a layer
-/// whose merge would write NaN/Inf stops the merge and the layers this call merged are
-/// unmerged again.
+/// Merges the active adapters of every layer into its base weight, all or nothing: refused
+/// while adapters are disabled, and with `safe_merge` a layer whose merge would write NaN/Inf
+/// stops the merge and the layers this call merged are unmerged again. Saved modules need no
+/// merge (they already compute with their copy).
 inline void merge(torch::nn::Module& model, bool safe_merge = false) {
-  std::vector<std::shared_ptr<LoRALayer>> merged_now;
-  try {
-    for (const auto& item : lora_layers(model)) {
-      const bool was_merged = item.second->merged();
-      item.second->merge({}, safe_merge);
-      if (!was_merged && item.second->merged()) merged_now.push_back(item.second);
+  const auto layers = lora_layers(model);
+  for (const auto& [path, layer] : layers) {
+    try {
+      layer->check_merge();
+    } catch (const c10::Error& error) {
+      TORCH_CHECK(false, "lora::merge: module '", path, "': ", error.what_without_backtrace());
     }
-  } catch (...) {
-    for (auto& layer : merged_now) layer->unmerge();
-    throw;
   }
+  detail::UndoLog undo;
+  for (const auto& [path, layer] : layers) {
+    const auto before = layer->merged_adapters();
+    // The weight as it was, to restore it bit for bit (unmerging is exact only up to rounding).
+    const auto kept = layer->base_weight().detach().clone();
+    try {
+      layer->merge({}, safe_merge);
+    } catch (const c10::Error& error) {
+      TORCH_CHECK(false, "lora::merge: module '", path, "': ", error.what_without_backtrace());
+    }
+    if (layer->merged_adapters() != before) {
+      undo.add([layer = layer, before, kept] {
+        layer->unmerge();
+        if (!before.empty()) layer->merge(before);  // the merge records as they were
+        torch::NoGradGuard no_grad;
+        layer->base_weight().copy_(kept);  // and the weight bit for bit
+      });
+    }
+  }
+  undo.commit();
 }
 
 /// Undoes every merge.
@@ -237,103 +384,30 @@ inline void unmerge(torch::nn::Module& model) {
 }
 
 /// Merges the active adapters and removes all adapter structure: every LoRA layer then holds
-/// only its (merged) base layer and computes exactly what a plain Linear with those weights
-/// computes, so the model can be saved or traced as a plain model (see `base_state_dict`).
+/// only its (merged) base layer, and every saved module is back in its parent holding the
+/// active copy's values, so the model computes what it computed with the adapters and can be
+/// saved or traced as a plain model (see `base_state_dict`). All or nothing, like `merge`.
 inline void merge_and_unload(torch::nn::Module& model, bool safe_merge = false) {
-  for (const auto& item : lora_layers(model)) item.second->merge_and_unload(safe_merge);
+  merge(model, safe_merge);
+  for (const auto& item : lora_layers(model)) item.second->forget_adapters();
+  for (const auto& [path, layer] : adapter_layers(model)) {
+    if (auto wrapper = std::dynamic_pointer_cast<ModulesToSaveImpl>(layer)) {
+      auto [parent, child] = detail::parent_of(model, path);
+      parent->replace_module(child, wrapper->release(/*keep_active=*/true));
+    }
+  }
 }
 
-/// Removes all adapters without merging: the model is its original self again.
+/// Removes all adapters without merging: the model is its original self again (saved modules
+/// back in their parents with their original values).
 inline void unload(torch::nn::Module& model) {
   for (const auto& item : lora_layers(model)) item.second->unload();
-}
-
-/// Adapter `name`'s tensors under PEFT's file keys: `prefix` + module path + `.lora_A.weight`,
-/// `.lora_B.weight`, `.lora_magnitude_vector`, and saved modules by their own parameter names
-/// (`base_model.model.classifier.weight`).
-inline torch::OrderedDict<std::string, at::Tensor> adapter_state_dict(const torch::nn::Module& model,
-                                                                      const std::string& name = "default",
-                                                                      const std::string& prefix = "base_model.model.") {
-  detail::check_model_adapter(model, name, "save");
-  torch::OrderedDict<std::string, at::Tensor> state("adapter tensor");
-  for (const auto& [path, layer] : lora_layers(model)) {
-    if (!layer->has_adapter(name)) continue;
-    for (const auto& [key, tensor] : layer->adapter_state(name)) {
-      state.insert(prefix + (path.empty() ? key : path + "." + key), tensor);
+  for (const auto& [path, layer] : adapter_layers(model)) {
+    if (auto wrapper = std::dynamic_pointer_cast<ModulesToSaveImpl>(layer)) {
+      auto [parent, child] = detail::parent_of(model, path);
+      parent->replace_module(child, wrapper->release(/*keep_active=*/false));
     }
   }
-  return state;
-}
-
-/// Copies adapter tensors saved under PEFT's file keys (as `adapter_state_dict` writes them)
-/// into adapter `name`, which must already be attached (by `inject` with a matching config).
-/// Every key of `state` must belong to the adapter and every adapter tensor must be present,
-/// with the same shape; otherwise nothing is copied and the error lists the offending keys.
-inline void load_adapter_state_dict(torch::nn::Module& model, const torch::OrderedDict<std::string, at::Tensor>& state,
-                                    const std::string& name = "default",
-                                    const std::string& prefix = "base_model.model.") {
-  detail::check_model_adapter(model, name, "load");
-  for (const auto& [path, layer] : lora_layers(model)) {
-    const auto& merged = layer->merged_adapters();
-    TORCH_CHECK(std::find(merged.begin(), merged.end(), name) == merged.end(), "lora: cannot load adapter '", name,
-                "' while it is merged into '", path, "'; call unmerge first");
-  }
-  std::vector<std::pair<at::Tensor, at::Tensor>> copies;
-  std::vector<std::string> missing;
-  size_t used = 0;
-  for (const auto& [path, layer] : lora_layers(model)) {
-    if (!layer->has_adapter(name)) continue;
-    for (const auto& [key, tensor] : layer->adapter_state(name)) {
-      const auto full = prefix + (path.empty() ? key : path + "." + key);
-      const auto* source = state.find(full);
-      if (source == nullptr) {
-        missing.push_back(full);
-        continue;
-      }
-      TORCH_CHECK(source->sizes() == tensor.sizes(), "lora: adapter tensor '", full, "' has shape ", source->sizes(),
-                  " but adapter '", name, "' expects ", tensor.sizes());
-      copies.emplace_back(tensor, *source);
-      ++used;
-    }
-  }
-  TORCH_CHECK(missing.empty(), "lora: the adapter state lacks ", missing.size(), " tensor(s) of adapter '", name,
-              "': ", detail::join(missing));
-  if (used != state.size()) {
-    std::vector<std::string> unknown;
-    for (const auto& item : state) {
-      const bool known = std::any_of(copies.begin(), copies.end(), [&](const auto& copy) {
-        return copy.second.is_same(item.value());
-      });
-      if (!known) unknown.push_back(item.key());
-    }
-    TORCH_CHECK(false, "lora: the adapter state has ", unknown.size(), " tensor(s) adapter '", name,
-                "' does not: ", detail::join(unknown));
-  }
-  torch::NoGradGuard no_grad;
-  for (auto& [destination, source] : copies) destination.copy_(source);
-}
-
-/// The model's parameters and buffers under the names of the model without adapters:
-/// `….query.base_layer.weight` becomes `….query.weight`; adapter tensors are left out.
-/// After `merge_and_unload` this is the merged model's plain state dict.
-inline torch::OrderedDict<std::string, at::Tensor> base_state_dict(const torch::nn::Module& model) {
-  const auto layers = lora_layers(model);
-  torch::OrderedDict<std::string, at::Tensor> state("tensor");
-  auto add = [&](const std::string& key, const at::Tensor& tensor) {
-    for (const auto& [path, layer] : layers) {
-      const std::string inside = path.empty() ? "" : path + ".";
-      if (key.compare(0, inside.size(), inside) != 0) continue;
-      const auto rest = key.substr(inside.size());
-      if (rest.compare(0, 11, "base_layer.") == 0) {
-        state.insert(inside + rest.substr(11), tensor);
-      }
-      return;  // adapter parts and trainable copies are not part of the base model
-    }
-    state.insert(key, tensor);
-  };
-  for (const auto& item : model.named_parameters()) add(item.key(), item.value());
-  for (const auto& item : model.named_buffers()) add(item.key(), item.value());
-  return state;
 }
 
 }  // namespace lora

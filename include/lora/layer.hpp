@@ -1,8 +1,11 @@
 #pragma once
 
 /// \file
-/// `LoRALayer`: the type-erased interface every adapted layer implements, so that code walking a
-/// module tree (freezing, merging, saving) can handle any `LoRALinear<Base>` alike.
+/// The type-erased interfaces of everything that holds adapters in a model tree, so that code
+/// walking a model (freezing, merging, saving) handles every layer kind alike:
+/// `AdapterLayer` (any holder of named adapters) and `LoRALayer` (low-rank adapters over a
+/// frozen base layer, e.g. `LoRALinear<Base>`). Saved modules (`ModulesToSave`, PEFT's
+/// `modules_to_save`) are `AdapterLayer`s too.
 
 #include <memory>
 #include <string>
@@ -13,52 +16,77 @@
 #include <c10/util/Exception.h>
 #include <torch/nn/module.h>
 
+#include <lora/config.hpp>
 #include <lora/options.hpp>
 
 namespace lora {
 
-/// Adapter management shared by all LoRA layers, PEFT's `LoraLayer` API.
-///
-/// Find adapted layers in a model with
-/// `std::dynamic_pointer_cast<lora::LoRALayer>(module)` or `lora::lora_layers(model)`.
-class LoRALayer {
+/// A module that holds named adapters. Find them with `lora::adapter_layers(model)`.
+class AdapterLayer {
  public:
-  virtual ~LoRALayer() = default;
-
-  /// Adds a new adapter. The first adapter of a layer becomes active; later ones start inactive
-  /// (and frozen) until `set_adapter` selects them, as in PEFT.
-  virtual void add_adapter(const std::string& name, const LoRAOptions& options) = 0;
-  /// Adds a trainable full copy of the base layer under `name` (PEFT's `modules_to_save`): while
-  /// that adapter is active the copy computes the output and trains; the base layer keeps the
-  /// original weights. A layer holds either low-rank adapters or trainable copies.
-  virtual void add_trainable_copy(const std::string& name) = 0;
-  /// Throws what `add_adapter` / `add_trainable_copy` would throw, changing nothing: lets a
-  /// caller check a whole plan before touching any layer.
-  virtual void check_add_adapter(const std::string& name, const LoRAOptions& options) const = 0;
-  virtual void check_add_trainable_copy(const std::string& name) const = 0;
-  /// True when adapter `name` is a trainable copy rather than a low-rank adapter.
-  virtual bool is_trainable_copy(const std::string& name) const = 0;
-  /// Removes an adapter and its parameters. It must not be merged. If it was the only active
-  /// adapter, the first remaining one becomes active.
-  virtual void delete_adapter(const std::string& name) = 0;
+  virtual ~AdapterLayer() = default;
 
   /// Names of all adapters, in insertion order.
   virtual std::vector<std::string> adapter_names() const = 0;
   virtual bool has_adapter(const std::string& name) const = 0;
+
+  /// Activates exactly these adapters (each must be present): their parameters train, the
+  /// others' are frozen.
+  virtual void set_adapters(const std::vector<std::string>& names) = 0;
+  virtual const std::vector<std::string>& active_adapters() const = 0;
+  /// Throws what `set_adapters(names)` would throw, changing nothing.
+  virtual void check_set_adapters(const std::vector<std::string>& names) const = 0;
+
+  /// `enable_adapters(false)` makes the layer compute what the model without adapters
+  /// computes; `enable_adapters(true)` restores the active adapters.
+  virtual void enable_adapters(bool enabled) = 0;
+  virtual bool adapters_enabled() const = 0;
+
+  /// Removes an adapter and its parameters. If it was the only active adapter, the first
+  /// remaining one becomes active.
+  virtual void delete_adapter(const std::string& name) = 0;
+  /// Throws what `delete_adapter(name)` would throw, changing nothing.
+  virtual void check_delete_adapter(const std::string& name) const = 0;
+
+  /// One adapter's tensors under PEFT's file names, relative to the layer: `lora_A.weight`,
+  /// `lora_B.weight`, `lora_magnitude_vector` for a LoRA layer; the module's own names
+  /// (`weight`, `bias`) for a saved module.
+  virtual std::vector<std::pair<std::string, at::Tensor>> adapter_state(const std::string& name) const = 0;
+
+  /// The layer's tensors as the model without adapters names them, relative to the layer
+  /// (`weight`, `bias`): what `lora::base_state_dict` reports for it.
+  virtual std::vector<std::pair<std::string, at::Tensor>> base_state() const = 0;
+
+  /// `set_trainable(name, false)` freezes adapter `name` for good: its parameters do not train
+  /// even while it is active (an adapter loaded for inference). `true` undoes that.
+  virtual void set_trainable(const std::string& name, bool trainable) = 0;
+  virtual bool is_trainable(const std::string& name) const = 0;
+
+  /// The model-level configuration adapter `name` was attached with (by `lora::inject` or an
+  /// adapter load), or nullptr for an adapter added to the layer directly.
+  virtual std::shared_ptr<const LoraConfig> adapter_config(const std::string& name) const = 0;
+};
+
+/// Low-rank adapters over a frozen base layer, PEFT's `LoraLayer` API.
+///
+/// Find adapted layers in a model with `lora::lora_layers(model)`.
+class LoRALayer : public AdapterLayer {
+ public:
+  /// Adds a new adapter. The first adapter of a layer becomes active; later ones start inactive
+  /// (and frozen) until `set_adapters` selects them, as in PEFT. `config` is the model-level
+  /// configuration it belongs to (see `adapter_config`).
+  virtual void add_adapter(const std::string& name, const LoRAOptions& options,
+                           std::shared_ptr<const LoraConfig> config = nullptr) = 0;
+  /// Throws what `add_adapter` would throw, changing nothing: lets a caller check a whole plan
+  /// before touching any layer.
+  virtual void check_add_adapter(const std::string& name, const LoRAOptions& options) const = 0;
+
   /// The options an adapter was created with.
   virtual const LoRAOptions& adapter_options(const std::string& name) const = 0;
 
-  /// Activates exactly this adapter: its parameters become trainable, the others' frozen. A
-  /// merged adapter that is no longer active is unmerged first, as in PEFT.
-  virtual void set_adapter(const std::string& name) = 0;
-  /// Activates several adapters at once; their deltas are summed.
-  virtual void set_adapters(const std::vector<std::string>& names) = 0;
-  virtual const std::vector<std::string>& active_adapters() const = 0;
-
-  /// `enable_adapters(false)` makes the layer compute the base output only (unmerging first if
-  /// needed); `enable_adapters(true)` restores the active adapters.
-  virtual void enable_adapters(bool enabled) = 0;
-  virtual bool adapters_enabled() const = 0;
+  /// Activates exactly this adapter. A merged adapter that is no longer active is unmerged
+  /// first, as in PEFT.
+  void set_adapter(const std::string& name) { set_adapters({name}); }
 
   /// Writes the named adapters (by default the active ones) into the base weight; adapters
   /// already merged are skipped. With `safe_merge`, each merged weight is checked for NaN/Inf
@@ -66,6 +94,9 @@ class LoRALayer {
   /// while adapters are disabled. Names come first so that `merge({"a"})` cannot be read as a
   /// bool: `merge()`, `merge({"a", "b"})`, `merge({}, /*safe_merge=*/true)`.
   virtual void merge(const std::vector<std::string>& adapter_names = {}, bool safe_merge = false) = 0;
+  /// Throws what `merge(adapter_names)` would throw before computing anything (unknown names,
+  /// adapters disabled), changing nothing.
+  virtual void check_merge(const std::vector<std::string>& adapter_names = {}) const = 0;
   /// Undoes every merge, most recent first.
   virtual void unmerge() = 0;
   /// True when at least one adapter is merged into the base weight.
@@ -73,15 +104,14 @@ class LoRALayer {
   virtual const std::vector<std::string>& merged_adapters() const = 0;
 
   /// Merges the active adapters, then forgets every adapter: the layer keeps the merged weights
-  /// and computes exactly what its base layer does (PEFT's `merge_and_unload`).
+  /// and computes exactly what its base layer does (PEFT's `merge_and_unload`). Refused while
+  /// adapters are disabled, as `merge` is.
   virtual void merge_and_unload(bool safe_merge = false) = 0;
+  /// Forgets every adapter of a layer whose merges are already done (the second half of
+  /// `merge_and_unload`); cannot fail.
+  virtual void forget_adapters() = 0;
   /// Unmerges, then forgets every adapter: the layer is its original base layer again.
   virtual void unload() = 0;
-
-  /// One adapter's tensors under PEFT's file names, relative to the layer: `lora_A.weight`,
-  /// `lora_B.weight`, `lora_magnitude_vector` (DoRA), or for a trainable copy its own
-  /// parameter names (`weight`, `bias`).
-  virtual std::vector<std::pair<std::string, at::Tensor>> adapter_state(const std::string& name) const = 0;
 
   /// The weight that makes the base layer compute what the adapted layer computes without
   /// dropout: W + Σ s·B·A over the active, unmerged adapters (DoRA: rescaled rows), shaped like
@@ -94,22 +124,57 @@ class LoRALayer {
   /// The frozen base weight and bias (bias undefined when the base layer has none).
   virtual at::Tensor base_weight() const = 0;
   virtual at::Tensor base_bias() const = 0;
+  /// The base layer's input and output sizes.
+  virtual int64_t in_features() const = 0;
+  virtual int64_t out_features() const = 0;
 };
 
-/// Every LoRA layer in `model` (including `model` itself, under the name ""), with its qualified
-/// name, in `named_modules()` order.
-inline std::vector<std::pair<std::string, std::shared_ptr<LoRALayer>>> lora_layers(const torch::nn::Module& model) {
-  std::vector<std::pair<std::string, std::shared_ptr<LoRALayer>>> layers;
-  if (dynamic_cast<const LoRALayer*>(&model) != nullptr) {
+namespace detail {
+
+template <typename Layer>
+std::vector<std::pair<std::string, std::shared_ptr<Layer>>> find_layers(const torch::nn::Module& model) {
+  std::vector<std::pair<std::string, std::shared_ptr<Layer>>> layers;
+  // An adapter layer's insides (its base layer, a saved module's copies) are its own business.
+  std::vector<std::string> holders;
+  auto inside_holder = [&](const std::string& name) {
+    for (const auto& holder : holders) {
+      if (holder.empty() || (name.size() > holder.size() && name.compare(0, holder.size(), holder) == 0 &&
+                             name[holder.size()] == '.')) {
+        return true;
+      }
+    }
+    return false;
+  };
+  if (dynamic_cast<const AdapterLayer*>(&model) != nullptr) {
     auto self = std::const_pointer_cast<torch::nn::Module>(model.weak_from_this().lock());
-    TORCH_CHECK(self != nullptr, "lora::lora_layers: the layer must be owned by a shared_ptr (a module holder or "
+    TORCH_CHECK(self != nullptr, "lora: the layer must be owned by a shared_ptr (a module holder or "
                                  "std::make_shared), not allocated on the stack");
-    layers.emplace_back("", std::dynamic_pointer_cast<LoRALayer>(self));
+    if (auto layer = std::dynamic_pointer_cast<Layer>(self)) layers.emplace_back("", layer);
+    holders.push_back("");
   }
   for (const auto& item : model.named_modules(/*name_prefix=*/"", /*include_self=*/false)) {
-    if (auto layer = std::dynamic_pointer_cast<LoRALayer>(item.value())) layers.emplace_back(item.key(), layer);
+    if (inside_holder(item.key())) continue;
+    if (std::dynamic_pointer_cast<AdapterLayer>(item.value()) == nullptr) continue;
+    holders.push_back(item.key());
+    if (auto layer = std::dynamic_pointer_cast<Layer>(item.value())) layers.emplace_back(item.key(), layer);
   }
   return layers;
+}
+
+}  // namespace detail
+
+/// Every adapter layer of `model` (LoRA layers and saved modules, `model` itself included
+/// under the name ""), with its qualified name, in `named_modules()` order. Layers inside
+/// another adapter layer (the copies a saved module keeps) are not listed.
+inline std::vector<std::pair<std::string, std::shared_ptr<AdapterLayer>>> adapter_layers(
+    const torch::nn::Module& model) {
+  return detail::find_layers<AdapterLayer>(model);
+}
+
+/// Every LoRA layer of `model` (including `model` itself, under the name ""), with its
+/// qualified name, in `named_modules()` order.
+inline std::vector<std::pair<std::string, std::shared_ptr<LoRALayer>>> lora_layers(const torch::nn::Module& model) {
+  return detail::find_layers<LoRALayer>(model);
 }
 
 }  // namespace lora

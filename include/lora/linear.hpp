@@ -45,6 +45,12 @@ struct LinearTraits<torch::nn::LinearImpl> {
   static at::Tensor forward(torch::nn::LinearImpl& layer, const at::Tensor& x) { return layer.forward(x); }
 };
 
+/// Checks an adapter for a Linear-like layer of these sizes and weight dtype, as
+/// `LoRALinear::add_adapter` does: a valid name, a floating-point weight, valid options, and a
+/// rank PiSSA/OLoRA can decompose. Throws naming the bad value.
+inline void check_linear_adapter(const std::string& name, const LoRAOptions& options, int64_t in_features,
+                                 int64_t out_features, c10::ScalarType dtype);
+
 /// A frozen Linear-like layer (`base_layer`) with any number of named LoRA adapters.
 ///
 /// The template parameter is the wrapped layer's module type (its `Impl`), read through
@@ -88,35 +94,42 @@ class LoRALinearImpl : public torch::nn::Cloneable<LoRALinearImpl<Base>>, public
 
   void pretty_print(std::ostream& stream) const override;
 
-  // LoRALayer
-  void add_adapter(const std::string& name, const LoRAOptions& options) override;
-  void add_trainable_copy(const std::string& name) override;
-  void check_add_adapter(const std::string& name, const LoRAOptions& options) const override;
-  void check_add_trainable_copy(const std::string& name) const override;
-  bool is_trainable_copy(const std::string& name) const override;
-  void delete_adapter(const std::string& name) override;
+  // AdapterLayer
   std::vector<std::string> adapter_names() const override;
   bool has_adapter(const std::string& name) const override;
-  const LoRAOptions& adapter_options(const std::string& name) const override;
-  void set_adapter(const std::string& name) override;
   void set_adapters(const std::vector<std::string>& names) override;
+  void check_set_adapters(const std::vector<std::string>& names) const override;
   const std::vector<std::string>& active_adapters() const override { return active_; }
   void enable_adapters(bool enabled) override;
   bool adapters_enabled() const override { return enabled_; }
+  void delete_adapter(const std::string& name) override;
+  void check_delete_adapter(const std::string& name) const override;
+  std::vector<std::pair<std::string, at::Tensor>> adapter_state(const std::string& name) const override;
+  std::vector<std::pair<std::string, at::Tensor>> base_state() const override;
+  std::shared_ptr<const LoraConfig> adapter_config(const std::string& name) const override;
+  void set_trainable(const std::string& name, bool trainable) override;
+  bool is_trainable(const std::string& name) const override { return adapter(name).trainable; }
+
+  // LoRALayer
+  void add_adapter(const std::string& name, const LoRAOptions& options,
+                   std::shared_ptr<const LoraConfig> config = nullptr) override;
+  void check_add_adapter(const std::string& name, const LoRAOptions& options) const override;
+  const LoRAOptions& adapter_options(const std::string& name) const override;
   void merge(const std::vector<std::string>& adapter_names = {}, bool safe_merge = false) override;
+  void check_merge(const std::vector<std::string>& adapter_names = {}) const override;
   void unmerge() override;
   bool merged() const override { return !merged_.empty(); }
   const std::vector<std::string>& merged_adapters() const override { return merged_; }
   void merge_and_unload(bool safe_merge = false) override;
+  void forget_adapters() override;
   void unload() override;
-  std::vector<std::pair<std::string, at::Tensor>> adapter_state(const std::string& name) const override;
   at::Tensor adapted_weight() const override;
   at::Tensor delta_weight(const std::string& name) const override;
   at::Tensor base_weight() const override { return Traits::weight(*base_layer_); }
   at::Tensor base_bias() const override { return Traits::bias(*base_layer_); }
+  int64_t in_features() const override { return Traits::in_features(base_options_); }
+  int64_t out_features() const override { return Traits::out_features(base_options_); }
 
-  int64_t in_features() const { return Traits::in_features(base_options_); }
-  int64_t out_features() const { return Traits::out_features(base_options_); }
   /// The wrapped layer.
   BaseHolder base_layer() const { return base_layer_; }
   /// `lora_A.<name>.weight` [r, in], `lora_B.<name>.weight` [out, r] and, for DoRA,
@@ -124,15 +137,13 @@ class LoRALinearImpl : public torch::nn::Cloneable<LoRALinearImpl<Base>>, public
   const at::Tensor& lora_A(const std::string& name) const;
   const at::Tensor& lora_B(const std::string& name) const;
   const at::Tensor& lora_magnitude_vector(const std::string& name) const;
-  /// The trainable copy of the base layer registered as `modules_to_save.<name>`.
-  BaseHolder trainable_copy(const std::string& name) const;
 
  private:
-  /// One adapter: low-rank (`options` apply) or a trainable copy of the base layer.
   struct Adapter {
     std::string name;
     LoRAOptions options;
-    bool trainable_copy = false;
+    std::shared_ptr<const LoraConfig> config;
+    bool trainable = true;  ///< false: frozen even while active
   };
 
   static const BaseOptions& checked_options(const BaseHolder& base);
@@ -143,10 +154,8 @@ class LoRALinearImpl : public torch::nn::Cloneable<LoRALinearImpl<Base>>, public
   void initialize_adapter(const std::string& name, const LoRAOptions& options);
   void update_requires_grad();
   void check_adapter(const std::string& name, const char* operation) const;
-  void check_new_adapter(const std::string& name) const;
   const Adapter& adapter(const std::string& name) const;
-  void forget_adapters();
-  void merge_trainable_copy(const std::string& name, bool safe_merge);
+  bool is_merged(const std::string& name) const;
   void merge_each(const std::vector<std::string>& names, bool safe_merge);
   void unmerge_last();
   /// The base weight viewed as [out, in] (a transposed view when fan_in_fan_out).
@@ -159,16 +168,14 @@ class LoRALinearImpl : public torch::nn::Cloneable<LoRALinearImpl<Base>>, public
   torch::nn::ModuleDict lora_A_{nullptr};
   torch::nn::ModuleDict lora_B_{nullptr};
   torch::nn::ModuleDict lora_magnitude_vector_{nullptr};
-  torch::nn::ModuleDict modules_to_save_{nullptr};
 
   /// Adapters in insertion order: what `reset()` rebuilds from.
   std::vector<Adapter> adapters_;
   std::vector<std::string> active_;
   std::vector<std::string> merged_;
-  /// ‖W + ΔW‖ at merge time, needed to undo a DoRA merge exactly.
+  /// ‖W + ΔW‖ at merge time, needed to undo a DoRA merge exactly. Not a registered buffer (it
+  /// comes and goes with merges): moved to the weight's device and dtype when used.
   std::map<std::string, at::Tensor> dora_merge_norms_;
-  /// Base parameters replaced by a merged trainable copy, to restore on unmerge.
-  std::map<std::string, std::vector<at::Tensor>> copy_merge_originals_;
   bool enabled_ = true;
 };
 

@@ -16,7 +16,10 @@
 #include <lora/inject.hpp>
 #include <lora/layer.hpp>
 #include <lora/linear.hpp>
+#include <lora/modules_to_save.hpp>
 #include <lora/options.hpp>
+#include <lora/plan.hpp>
+#include <lora/state_dict.hpp>
 #include <lora/target.hpp>
 #include <lora/trainable.hpp>
 #include <lora/version.hpp>

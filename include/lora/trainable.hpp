@@ -16,54 +16,35 @@
 #include <c10/util/Exception.h>
 #include <torch/nn/module.h>
 
+#include <lora/config.hpp>
 #include <lora/layer.hpp>
+#include <lora/state_dict.hpp>
 
 namespace lora {
 
-/// Which biases train besides the adapters (PEFT's `bias`).
-enum class BiasMode {
-  kNone,      ///< "none": no bias trains.
-  kAll,       ///< "all": every bias in the model trains.
-  kLoraOnly,  ///< "lora_only": only the biases of layers that carry an adapter train.
-};
-
-/// Parses "none", "all" or "lora_only".
-inline BiasMode parse_bias(const std::string& bias) {
-  if (bias == "none") return BiasMode::kNone;
-  if (bias == "all") return BiasMode::kAll;
-  if (bias == "lora_only") return BiasMode::kLoraOnly;
-  TORCH_CHECK(false, "lora: unknown bias mode '", bias, "' (expected one of: none, all, lora_only)");
-  return BiasMode::kNone;  // unreachable
-}
-
-inline std::string to_string(BiasMode bias) {
-  switch (bias) {
-    case BiasMode::kNone: return "none";
-    case BiasMode::kAll: return "all";
-    case BiasMode::kLoraOnly: return "lora_only";
-  }
-  TORCH_INTERNAL_ASSERT(false, "unhandled BiasMode");
-  return {};  // unreachable
-}
-
-/// Freezes every parameter of `model` except the active adapters' (and the biases `bias` names).
+/// Freezes every parameter of `model` except the active adapters' (LoRA adapters and saved
+/// modules' copies) and the biases `bias` names: with `kLoraOnly` the base bias of each layer
+/// holding a LoRA adapter, with `kAll` every parameter whose name contains "bias" (PEFT's
+/// rule) outside saved modules (whose original and inactive copies stay frozen, as in PEFT).
 ///
 ///     lora::mark_only_lora_as_trainable(*model, lora::BiasMode::kLoraOnly);
 inline void mark_only_lora_as_trainable(torch::nn::Module& model, BiasMode bias = BiasMode::kNone) {
   for (auto& parameter : model.parameters()) parameter.requires_grad_(false);
-  for (const auto& [name, layer] : lora_layers(model)) {
-    layer->set_adapters(layer->active_adapters());  // active adapters trainable, others frozen
-    if (bias == BiasMode::kLoraOnly && !layer->adapter_names().empty()) {
+  const auto layers = adapter_layers(model);
+  for (const auto& [name, layer] : layers) layer->set_adapters(layer->active_adapters());  // active ones train
+  if (bias == BiasMode::kLoraOnly) {
+    for (const auto& [name, layer] : lora_layers(model)) {
+      if (layer->adapter_names().empty()) continue;
       const auto layer_bias = layer->base_bias();
       if (layer_bias.defined()) layer_bias.requires_grad_(true);
     }
   }
   if (bias == BiasMode::kAll) {
     for (auto& item : model.named_parameters()) {
-      const auto& key = item.key();
-      if (key == "bias" || (key.size() > 5 && key.compare(key.size() - 5, 5, ".bias") == 0)) {
-        item.value().requires_grad_(true);
-      }
+      if (item.key().find("bias") == std::string::npos) continue;
+      const auto owner = detail::owning_layer(layers, item.key()).first;
+      if (owner != nullptr && std::dynamic_pointer_cast<LoRALayer>(owner->second) == nullptr) continue;  // saved module
+      item.value().requires_grad_(true);
     }
   }
 }

@@ -51,22 +51,14 @@ void LoRALinearImpl<Base>::build(BaseHolder base) {
   lora_A_ = this->register_module("lora_A", torch::nn::ModuleDict());
   lora_B_ = this->register_module("lora_B", torch::nn::ModuleDict());
   lora_magnitude_vector_ = this->register_module("lora_magnitude_vector", torch::nn::ModuleDict());
-  modules_to_save_ = this->register_module("modules_to_save", torch::nn::ModuleDict());
 }
 
 template <typename Base>
 void LoRALinearImpl<Base>::reset() {
   merged_.clear();  // fresh weights hold no merge
   dora_merge_norms_.clear();
-  copy_merge_originals_.clear();
   build(BaseHolder(std::make_shared<Base>(base_options_)));
-  for (const auto& entry : adapters_) {
-    if (entry.trainable_copy) {
-      modules_to_save_->update({{entry.name, std::make_shared<Base>(base_options_)}});
-    } else {
-      create_adapter(entry.name, entry.options);
-    }
-  }
+  for (const auto& entry : adapters_) create_adapter(entry.name, entry.options);
   update_requires_grad();
 }
 
@@ -74,9 +66,7 @@ template <typename Base>
 void LoRALinearImpl<Base>::reset_parameters() {
   TORCH_CHECK(merged_.empty(), "LoRALinear: cannot re-initialise adapters while merged (merged: ",
               detail::join(merged_), "); call unmerge() first");
-  for (const auto& entry : adapters_) {
-    if (!entry.trainable_copy) initialize_adapter(entry.name, entry.options);
-  }
+  for (const auto& entry : adapters_) initialize_adapter(entry.name, entry.options);
 }
 
 template <typename Base>
@@ -88,12 +78,8 @@ std::shared_ptr<torch::nn::Module> LoRALinearImpl<Base>::clone(const c10::option
   }
   // reset() cleared the merge state, but the copied weights are merged as ours are.
   auto& twin = *std::dynamic_pointer_cast<LoRALinearImpl<Base>>(copy);
-  auto own = [&](const at::Tensor& tensor) { return device ? tensor.to(*device) : tensor.clone(); };
   twin.merged_ = merged_;
-  for (const auto& [name, norm] : dora_merge_norms_) twin.dora_merge_norms_[name] = own(norm);
-  for (const auto& [name, originals] : copy_merge_originals_) {
-    for (const auto& original : originals) twin.copy_merge_originals_[name].push_back(own(original));
-  }
+  for (const auto& [name, norm] : dora_merge_norms_) twin.dora_merge_norms_[name] = device ? norm.to(*device) : norm.clone();
   return copy;
 }
 
@@ -152,41 +138,32 @@ void LoRALinearImpl<Base>::initialize_adapter(const std::string& name, const LoR
   }
 }
 
-template <typename Base>
-void LoRALinearImpl<Base>::check_new_adapter(const std::string& name) const {
+inline void check_linear_adapter(const std::string& name, const LoRAOptions& options, int64_t in_features,
+                                 int64_t out_features, c10::ScalarType dtype) {
   TORCH_CHECK(!name.empty() && name.find('.') == std::string::npos,
               "LoRALinear: adapter name must be non-empty and contain no '.' (got '", name, "')");
-  TORCH_CHECK(!has_adapter(name), "LoRALinear: adapter '", name, "' already exists");
-  TORCH_CHECK(merged_.empty(), "LoRALinear: cannot add adapter '", name, "' while merged (merged: ",
-              detail::join(merged_), "); call unmerge() first");
-  const auto dtype = base_weight().scalar_type();
   TORCH_CHECK(c10::isFloatingType(dtype), "LoRALinear: the base weight must be floating point (got ",
               c10::toString(dtype), ")");
-}
-
-template <typename Base>
-void LoRALinearImpl<Base>::check_add_adapter(const std::string& name, const LoRAOptions& options) const {
-  check_new_adapter(name);
-  TORCH_CHECK(modules_to_save_->size() == 0, "LoRALinear: cannot add low-rank adapter '", name,
-              "' to a layer that holds trainable copies (modules_to_save); a layer is adapted or saved, not both");
   options.validate();
   const auto kind = parse_init(options.init()).kind;
   if (kind == InitKind::kPiSSA || kind == InitKind::kOLoRA) {
-    const auto limit = std::min(in_features(), out_features());
+    const auto limit = std::min(in_features, out_features);
     TORCH_CHECK(options.r() <= limit, "LoRALinear: rank ", options.r(), " exceeds min(in_features, out_features) = ",
                 limit, ", which init '", options.init(), "' cannot decompose");
   }
 }
 
 template <typename Base>
-void LoRALinearImpl<Base>::check_add_trainable_copy(const std::string& name) const {
-  check_new_adapter(name);
-  TORCH_CHECK(lora_A_->size() == 0, "LoRALinear: cannot add trainable copy '", name,
-              "' to a layer that holds low-rank adapters; a layer is adapted or saved, not both");
+void LoRALinearImpl<Base>::check_add_adapter(const std::string& name, const LoRAOptions& options) const {
+  TORCH_CHECK(!has_adapter(name), "LoRALinear: adapter '", name, "' already exists");
+  TORCH_CHECK(merged_.empty(), "LoRALinear: cannot add adapter '", name, "' while merged (merged: ",
+              detail::join(merged_), "); call unmerge() first");
+  check_linear_adapter(name, options, in_features(), out_features(), base_weight().scalar_type());
 }
 
 template <typename Base>
-void LoRALinearImpl<Base>::add_adapter(const std::string& name, const LoRAOptions& options) {
+void LoRALinearImpl<Base>::add_adapter(const std::string& name, const LoRAOptions& options,
+                                       std::shared_ptr<const LoraConfig> config) {
   check_add_adapter(name, options);
   try {
     create_adapter(name, options);
@@ -194,45 +171,34 @@ void LoRALinearImpl<Base>::add_adapter(const std::string& name, const LoRAOption
     drop_modules(name);  // leave the layer as it was
     throw;
   }
-  adapters_.push_back({name, options, /*trainable_copy=*/false});
+  adapters_.push_back({name, options, std::move(config), true});
   if (active_.empty()) active_.push_back(name);
   update_requires_grad();
 }
 
 template <typename Base>
-void LoRALinearImpl<Base>::add_trainable_copy(const std::string& name) {
-  check_add_trainable_copy(name);
-  auto copy = std::make_shared<Base>(base_options_);
-  {
-    torch::NoGradGuard no_grad;
-    const auto source = base_layer_->named_parameters();
-    for (auto& parameter : copy->named_parameters()) {
-      parameter.value().set_data(source[parameter.key()].detach().clone());
-    }
+std::shared_ptr<const LoraConfig> LoRALinearImpl<Base>::adapter_config(const std::string& name) const {
+  return adapter(name).config;
+}
+
+template <typename Base>
+void LoRALinearImpl<Base>::set_trainable(const std::string& name, bool trainable) {
+  check_adapter(name, "freeze");
+  for (auto& entry : adapters_) {
+    if (entry.name == name) entry.trainable = trainable;
   }
-  modules_to_save_->update({{name, copy}});
-  adapters_.push_back({name, LoRAOptions(), /*trainable_copy=*/true});
-  if (active_.empty()) active_.push_back(name);
   update_requires_grad();
 }
 
 template <typename Base>
-bool LoRALinearImpl<Base>::is_trainable_copy(const std::string& name) const {
-  return adapter(name).trainable_copy;
-}
-
-template <typename Base>
-typename LoRALinearImpl<Base>::BaseHolder LoRALinearImpl<Base>::trainable_copy(const std::string& name) const {
-  TORCH_CHECK(modules_to_save_->contains(name), "LoRALinear: adapter '", name, "' is not a trainable copy (adapters: ",
-              detail::join(adapter_names()), ")");
-  return BaseHolder(std::dynamic_pointer_cast<Base>((*modules_to_save_)[name]));
+void LoRALinearImpl<Base>::check_delete_adapter(const std::string& name) const {
+  check_adapter(name, "delete");
+  TORCH_CHECK(!is_merged(name), "LoRALinear: cannot delete adapter '", name, "' while it is merged; call unmerge() first");
 }
 
 template <typename Base>
 void LoRALinearImpl<Base>::delete_adapter(const std::string& name) {
-  check_adapter(name, "delete");
-  TORCH_CHECK(std::find(merged_.begin(), merged_.end(), name) == merged_.end(), "LoRALinear: cannot delete adapter '",
-              name, "' while it is merged; call unmerge() first");
+  check_delete_adapter(name);
   drop_modules(name);
   adapters_.erase(std::find_if(adapters_.begin(), adapters_.end(), [&](const Adapter& item) { return item.name == name; }));
   active_.erase(std::remove(active_.begin(), active_.end(), name), active_.end());
@@ -253,7 +219,6 @@ void LoRALinearImpl<Base>::drop_modules(const std::string& name) {
   lora_A_ = this->replace_module("lora_A", without(lora_A_));
   lora_B_ = this->replace_module("lora_B", without(lora_B_));
   lora_magnitude_vector_ = this->replace_module("lora_magnitude_vector", without(lora_magnitude_vector_));
-  modules_to_save_ = this->replace_module("modules_to_save", without(modules_to_save_));
 }
 
 template <typename Base>
@@ -287,21 +252,22 @@ void LoRALinearImpl<Base>::check_adapter(const std::string& name, const char* op
 }
 
 template <typename Base>
-void LoRALinearImpl<Base>::set_adapter(const std::string& name) {
-  set_adapters({name});
+bool LoRALinearImpl<Base>::is_merged(const std::string& name) const {
+  return std::find(merged_.begin(), merged_.end(), name) != merged_.end();
 }
 
 template <typename Base>
-void LoRALinearImpl<Base>::set_adapters(const std::vector<std::string>& names) {
+void LoRALinearImpl<Base>::check_set_adapters(const std::vector<std::string>& names) const {
   for (const auto& name : names) {
     check_adapter(name, "activate");
     TORCH_CHECK(std::count(names.begin(), names.end(), name) == 1, "LoRALinear: adapter '", name,
                 "' is listed more than once in set_adapters");
   }
-  const auto copies = std::count_if(names.begin(), names.end(), [&](const std::string& name) {
-    return adapter(name).trainable_copy;
-  });
-  TORCH_CHECK(copies <= 1, "LoRALinear: only one trainable copy can be active at a time (got ", detail::join(names), ")");
+}
+
+template <typename Base>
+void LoRALinearImpl<Base>::set_adapters(const std::vector<std::string>& names) {
+  check_set_adapters(names);
   // A merged adapter that stops being active must leave the weight (PEFT unmerges too).
   const bool stale = std::any_of(merged_.begin(), merged_.end(), [&](const std::string& name) {
     return std::find(names.begin(), names.end(), name) == names.end();
@@ -314,11 +280,8 @@ void LoRALinearImpl<Base>::set_adapters(const std::vector<std::string>& names) {
 template <typename Base>
 void LoRALinearImpl<Base>::update_requires_grad() {
   for (const auto& entry : adapters_) {
-    const bool active = std::find(active_.begin(), active_.end(), entry.name) != active_.end();
-    if (entry.trainable_copy) {
-      for (auto& parameter : (*modules_to_save_)[entry.name]->parameters()) parameter.requires_grad_(active);
-      continue;
-    }
+    const bool active =
+        entry.trainable && std::find(active_.begin(), active_.end(), entry.name) != active_.end();
     lora_A(entry.name).requires_grad_(active);
     lora_B(entry.name).requires_grad_(active);
     if (entry.options.use_dora()) lora_magnitude_vector(entry.name).requires_grad_(active);
@@ -373,10 +336,8 @@ at::Tensor LoRALinearImpl<Base>::adapted_weight() const {
   auto adapted = weight;
   if (enabled_) {
     for (const auto& name : active_) {
-      if (std::find(merged_.begin(), merged_.end(), name) != merged_.end()) continue;
+      if (is_merged(name)) continue;
       const auto& entry = adapter(name);
-      TORCH_CHECK(!entry.trainable_copy, "LoRALinear: adapted_weight is undefined while trainable copy '", name,
-                  "' is active; use trainable_copy(\"", name, "\")");
       const auto delta = delta_out_in(name).to(weight.scalar_type());
       if (entry.options.use_dora()) {
         // y = base(x) + (g − 1)·(x Wᵀ) + g·(x ΔWᵀ), g = m / ‖W + ΔW‖ held constant.
@@ -403,10 +364,6 @@ at::Tensor LoRALinearImpl<Base>::forward(const at::Tensor& input) {
   if (!enabled_ || std::none_of(active_.begin(), active_.end(), is_pending)) {
     return Traits::forward(*base_layer_, input);
   }
-  for (const auto& name : active_) {  // a trainable copy replaces the base layer
-    if (modules_to_save_->contains(name)) return Traits::forward(modules_to_save_->template at<Base>(name), input);
-  }
-
   auto output_shape = input.sizes().vec();
   output_shape.back() = out_features();
   const auto x = input.reshape({-1, in});
@@ -456,10 +413,15 @@ at::Tensor LoRALinearImpl<Base>::forward(const at::Tensor& input) {
 }
 
 template <typename Base>
-void LoRALinearImpl<Base>::merge(const std::vector<std::string>& adapter_names, bool safe_merge) {
+void LoRALinearImpl<Base>::check_merge(const std::vector<std::string>& adapter_names) const {
   TORCH_CHECK(enabled_, "LoRALinear: cannot merge while adapters are disabled; call enable_adapters(true) first");
+  for (const auto& name : adapter_names) check_adapter(name, "merge");
+}
+
+template <typename Base>
+void LoRALinearImpl<Base>::merge(const std::vector<std::string>& adapter_names, bool safe_merge) {
+  check_merge(adapter_names);
   const auto names = adapter_names.empty() ? active_ : adapter_names;
-  for (const auto& name : names) check_adapter(name, "merge");
   const auto merged_before = merged_.size();
   try {
     merge_each(names, safe_merge);
@@ -474,11 +436,7 @@ void LoRALinearImpl<Base>::merge_each(const std::vector<std::string>& names, boo
   torch::NoGradGuard no_grad;
   auto weight = weight_out_in();
   for (const auto& name : names) {
-    if (std::find(merged_.begin(), merged_.end(), name) != merged_.end()) continue;  // already in W
-    if (adapter(name).trainable_copy) {
-      merge_trainable_copy(name, safe_merge);
-      continue;
-    }
+    if (is_merged(name)) continue;  // already in W
     const auto& options = adapter_options(name);
     const auto delta = delta_out_in(name);
     at::Tensor merged_weight;
@@ -514,17 +472,14 @@ void LoRALinearImpl<Base>::unmerge_last() {
   torch::NoGradGuard no_grad;
   auto weight = weight_out_in();
   const auto name = merged_.back();
-  if (adapter(name).trainable_copy) {
-    auto originals = copy_merge_originals_.at(name).begin();
-    for (auto& parameter : base_layer_->parameters()) parameter.copy_(*originals++);
-    copy_merge_originals_.erase(name);
-    merged_.pop_back();
-    return;
-  }
   const auto delta = delta_out_in(name).to(weight.scalar_type());
   if (adapter_options(name).use_dora()) {
     const auto& magnitude = lora_magnitude_vector(name);
-    const auto factor = (magnitude / dora_merge_norms_.at(name)).view({-1, 1});
+    // The norm was stored at merge time; the layer may have moved since (module->to(...)).
+    const auto stored = dora_merge_norms_.find(name);
+    TORCH_INTERNAL_ASSERT(stored != dora_merge_norms_.end(), "LoRALinear: no merge norm kept for DoRA adapter '", name, "'");
+    const auto norm = stored->second.to(magnitude.device());  // its dtype as at merge time: the same factor
+    const auto factor = (magnitude / norm).view({-1, 1}).to(weight.scalar_type());
     weight.copy_(weight / factor - delta);
     dora_merge_norms_.erase(name);
   } else {
@@ -534,38 +489,18 @@ void LoRALinearImpl<Base>::unmerge_last() {
 }
 
 template <typename Base>
-void LoRALinearImpl<Base>::merge_trainable_copy(const std::string& name, bool safe_merge) {
-  const std::vector<at::Tensor> copy = modules_to_save_->template at<Base>(name).parameters();
-  if (safe_merge) {
-    for (const at::Tensor& parameter : copy) {
-      TORCH_CHECK(at::isfinite(parameter).all().item<bool>(), "LoRALinear: merging trainable copy '", name,
-                  "' would write non-finite values (NaN or Inf) into the base layer; the layer is left unchanged");
-    }
-  }
-  std::vector<at::Tensor> base = base_layer_->parameters();
-  std::vector<at::Tensor> originals;
-  for (size_t i = 0; i < base.size(); ++i) {
-    originals.push_back(base[i].detach().clone());
-    base[i].copy_(copy[i]);
-  }
-  copy_merge_originals_[name] = std::move(originals);
-  merged_.push_back(name);
-}
-
-template <typename Base>
 void LoRALinearImpl<Base>::forget_adapters() {
   for (const auto& entry : adapters_) drop_modules(entry.name);
   adapters_.clear();
   active_.clear();
   merged_.clear();
   dora_merge_norms_.clear();
-  copy_merge_originals_.clear();
   enabled_ = true;
 }
 
 template <typename Base>
 void LoRALinearImpl<Base>::merge_and_unload(bool safe_merge) {
-  if (enabled_) merge({}, safe_merge);
+  merge({}, safe_merge);  // refused while disabled: forgetting would silently drop the adapters
   forget_adapters();
 }
 
@@ -579,13 +514,17 @@ template <typename Base>
 std::vector<std::pair<std::string, at::Tensor>> LoRALinearImpl<Base>::adapter_state(const std::string& name) const {
   std::vector<std::pair<std::string, at::Tensor>> state;
   const auto& entry = adapter(name);
-  if (entry.trainable_copy) {
-    for (const auto& item : (*modules_to_save_)[name]->named_parameters()) state.emplace_back(item.key(), item.value());
-    return state;
-  }
   state.emplace_back("lora_A.weight", lora_A(name));
   state.emplace_back("lora_B.weight", lora_B(name));
   if (entry.options.use_dora()) state.emplace_back("lora_magnitude_vector", lora_magnitude_vector(name));
+  return state;
+}
+
+template <typename Base>
+std::vector<std::pair<std::string, at::Tensor>> LoRALinearImpl<Base>::base_state() const {
+  std::vector<std::pair<std::string, at::Tensor>> state;
+  for (const auto& item : base_layer_->named_parameters()) state.emplace_back(item.key(), item.value());
+  for (const auto& item : base_layer_->named_buffers()) state.emplace_back(item.key(), item.value());
   return state;
 }
 
@@ -595,12 +534,8 @@ void LoRALinearImpl<Base>::pretty_print(std::ostream& stream) const {
          << ", out_features=" << out_features() << ", bias=" << (Traits::has_bias(base_options_) ? "true" : "false")
          << ", adapters=[";
   for (size_t i = 0; i < adapters_.size(); ++i) {
-    const auto& [name, options, copy] = adapters_[i];
+    const auto& [name, options, config, trainable] = adapters_[i];
     stream << (i ? ", " : "") << name;
-    if (copy) {
-      stream << "(trainable copy)";
-      continue;
-    }
     stream << "(r=" << options.r() << ", alpha=" << options.alpha();
     if (options.dropout() > 0) stream << ", dropout=" << options.dropout();
     if (options.use_rslora()) stream << ", rslora";

@@ -5,324 +5,215 @@
 /// `adapter_model.safetensors` (metadata {"format": "pt"}), keys `base_model.model.<path>.lora_A.weight`.
 
 #include <algorithm>
-#include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <iostream>
 #include <map>
+#include <memory>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <c10/util/Exception.h>
 #include <nlohmann/json.hpp>
 
 #include <lora/config.hpp>
+#include <lora/detail/atomic_file.hpp>
+#include <lora/detail/undo.hpp>
 #include <lora/inject.hpp>
+#include <lora/io/peft_config.hpp>
 #include <lora/io/safetensors.hpp>
+#include <lora/state_dict.hpp>
 
 namespace lora::io {
 
-/// What `adapter_config.json` holds: the LoRA configuration plus PEFT's bookkeeping.
-struct AdapterConfig {
-  LoraConfig lora;
-  /// PEFT's task type; "SEQ_CLS" makes PEFT (and `load_adapter`) save/train the `classifier`
-  /// (or `score`) module in full even when `modules_to_save` does not list it.
-  std::string task_type = "SEQ_CLS";
-  std::string base_model_name_or_path;
-  std::optional<std::string> revision;
-  bool inference_mode = true;
-  /// Written as `peft_version`, the PEFT release whose format the files follow.
-  std::string peft_version = "0.10.0";
+/// How `save_adapter` writes an adapter folder.
+struct SaveOptions {
+  /// adapter_config.json's format (see `ConfigFormat::min_peft_version`).
+  ConfigFormat format;
+};
 
-  /// The modules trained in full: `modules_to_save`, plus "classifier" and "score" for SEQ_CLS.
-  std::vector<std::string> effective_modules_to_save() const {
-    auto modules = lora.modules_to_save();
-    if (task_type == "SEQ_CLS") {
-      for (const std::string name : {"classifier", "score"}) {
-        if (std::find(modules.begin(), modules.end(), name) == modules.end()) modules.push_back(name);
-      }
-    }
-    return modules;
-  }
+/// How `load_adapter` attaches an adapter.
+struct LoadOptions {
+  /// Train the loaded adapter (PEFT's `is_trainable=True`). Default false, as PEFT's
+  /// `from_pretrained`: the adapter, its saved modules and biases are frozen and the model is
+  /// put in evaluation mode.
+  bool is_trainable = false;
+  /// Where notices go (unknown config keys, saved modules the file does not hold); nullptr:
+  /// silent.
+  std::ostream* warn = &std::cerr;
+};
 
-  /// adapter_config.json with the keys PEFT 0.10 writes (and `peft_version`).
-  nlohmann::ordered_json to_json() const {
-    const auto& options = lora.adapter();
-    const auto init = parse_init(options.init());
-    nlohmann::ordered_json json;
-    json["alpha_pattern"] = nlohmann::ordered_json::object();
-    for (const auto& [key, alpha] : lora.alpha_pattern()) json["alpha_pattern"][key] = alpha;
-    json["auto_mapping"] = nullptr;
-    json["base_model_name_or_path"] = base_model_name_or_path;
-    json["bias"] = to_string(lora.bias());
-    json["fan_in_fan_out"] = false;
-    json["inference_mode"] = inference_mode;
-    if (init.kind == InitKind::kDefault) {
-      json["init_lora_weights"] = true;
-    } else if (init.kind == InitKind::kRandom) {
-      json["init_lora_weights"] = false;
-    } else {
-      json["init_lora_weights"] = to_string(init);
-    }
-    json["layer_replication"] = nullptr;
-    json["layers_pattern"] = lora.layers_pattern().empty() ? nlohmann::ordered_json(nullptr)
-                                                           : nlohmann::ordered_json(lora.layers_pattern());
-    json["layers_to_transform"] = lora.layers_to_transform().empty()
-                                      ? nlohmann::ordered_json(nullptr)
-                                      : nlohmann::ordered_json(lora.layers_to_transform());
-    json["loftq_config"] = nlohmann::ordered_json::object();
-    // PEFT writes an integral alpha as an integer (16, not 16.0).
-    const double alpha = options.alpha();
-    json["lora_alpha"] = alpha == static_cast<double>(static_cast<int64_t>(alpha)) ? nlohmann::ordered_json(static_cast<int64_t>(alpha))
-                                                                                   : nlohmann::ordered_json(alpha);
-    json["lora_dropout"] = options.dropout();
-    json["megatron_config"] = nullptr;
-    json["megatron_core"] = "megatron.core";
-    if (!lora.exclude_modules().empty()) json["exclude_modules"] = lora.exclude_modules();  // PEFT >= 0.14
-    json["modules_to_save"] = lora.modules_to_save().empty() ? nlohmann::ordered_json(nullptr)
-                                                             : nlohmann::ordered_json(lora.modules_to_save());
-    json["peft_type"] = "LORA";
-    json["peft_version"] = peft_version;
-    json["r"] = options.r();
-    json["rank_pattern"] = nlohmann::ordered_json::object();
-    for (const auto& [key, rank] : lora.rank_pattern()) json["rank_pattern"][key] = rank;
-    json["revision"] = revision ? nlohmann::ordered_json(*revision) : nlohmann::ordered_json(nullptr);
-    if (lora.target_regex().empty()) {
-      json["target_modules"] = lora.target_modules().size() == 1 && lora.all_linear()
-                                   ? nlohmann::ordered_json("all-linear")
-                                   : nlohmann::ordered_json(lora.target_modules());
-    } else {
-      json["target_modules"] = lora.target_regex();
-    }
-    json["task_type"] = task_type;
-    json["use_dora"] = options.use_dora();
-    json["use_rslora"] = options.use_rslora();
-    return json;
-  }
-
-  /// Reads adapter_config.json. `peft_type` must be "LORA"; unknown keys are reported through
-  /// `warn` (PEFT versions add fields) and otherwise ignored. `where` names the file.
-  static AdapterConfig from_json(const nlohmann::ordered_json& json, const std::string& where,
-                                 std::ostream* warn = &std::cerr) {
-    TORCH_CHECK(json.is_object(), where, ": expected a JSON object");
-    TORCH_CHECK(json.contains("peft_type"), where, ": missing 'peft_type'");
-    TORCH_CHECK(json["peft_type"].is_string() && json["peft_type"].get<std::string>() == "LORA", where,
-                ": unsupported peft_type ", json["peft_type"].dump(), " (only \"LORA\" is supported)");
-    static const std::set<std::string> known = {
-        "alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "fan_in_fan_out", "inference_mode",
-        "init_lora_weights", "layer_replication", "layers_pattern", "layers_to_transform", "loftq_config",
-        "lora_alpha", "lora_dropout", "megatron_config", "megatron_core", "modules_to_save", "peft_type",
-        "peft_version", "r", "rank_pattern", "revision", "target_modules", "task_type", "use_dora", "use_rslora",
-        "exclude_modules", "use_qalora", "qalora_group_size", "layer_replication", "runtime_config", "lora_bias",
-        "target_parameters", "trainable_token_indices", "eva_config", "corda_config"};
-    for (const auto& [key, value] : json.items()) {
-      if (!known.count(key) && warn) *warn << "lora: " << where << ": ignoring unknown key '" << key << "'\n";
-    }
-    auto get = [&](const char* key) -> const nlohmann::ordered_json* {
-      return json.contains(key) && !json[key].is_null() ? &json[key] : nullptr;
-    };
-    auto require = [&](bool ok, const char* key, const char* expected) {
-      TORCH_CHECK(ok, where, ": '", key, "' must be ", expected, " (got ", json.contains(key) ? json[key].dump() : "nothing",
-                  ")");
-    };
-    AdapterConfig config;
-    LoRAOptions options;
-    const auto* r = get("r");
-    require(r && r->is_number_integer(), "r", "an integer");
-    options.r(r->get<int64_t>());
-    if (const auto* alpha = get("lora_alpha")) {
-      require(alpha->is_number(), "lora_alpha", "a number");
-      options.alpha(alpha->get<double>());
-    }
-    if (const auto* dropout = get("lora_dropout")) {
-      require(dropout->is_number(), "lora_dropout", "a number");
-      options.dropout(dropout->get<double>());
-    }
-    if (const auto* rslora = get("use_rslora")) {
-      require(rslora->is_boolean(), "use_rslora", "true or false");
-      options.use_rslora(rslora->get<bool>());
-    }
-    if (const auto* dora = get("use_dora")) {
-      require(dora->is_boolean(), "use_dora", "true or false");
-      options.use_dora(dora->get<bool>());
-    }
-    if (const auto* init = get("init_lora_weights")) {
-      require(init->is_boolean() || init->is_string(), "init_lora_weights", "true, false or a method name");
-      options.init(init->is_boolean() ? (init->get<bool>() ? "default" : "false") : init->get<std::string>());
-    }
-    if (const auto* fan = get("fan_in_fan_out")) {
-      require(fan->is_boolean() && !fan->get<bool>(), "fan_in_fan_out", "false (Linear layers store [out, in])");
-    }
-    LoraConfig lora(options);
-    if (const auto* targets = get("target_modules")) {
-      if (targets->is_string()) {
-        const auto text = targets->get<std::string>();
-        text == "all-linear" ? void(lora.target_modules({"all-linear"})) : void(lora.target_regex(text));
-      } else {
-        require(targets->is_array() && std::all_of(targets->begin(), targets->end(),
-                                                    [](const nlohmann::ordered_json& item) { return item.is_string(); }),
-                "target_modules", "a list of names or a regular expression");
-        auto names = targets->get<std::vector<std::string>>();
-        std::sort(names.begin(), names.end());  // PEFT writes a set: its order means nothing
-        lora.target_modules(names);
-      }
-    }
-    auto string_list = [&](const char* key) {
-      std::vector<std::string> out;
-      if (const auto* value = get(key)) {
-        if (value->is_string()) return std::vector<std::string>{value->get<std::string>()};
-        require(value->is_array() && std::all_of(value->begin(), value->end(),
-                                                  [](const nlohmann::ordered_json& item) { return item.is_string(); }),
-                key, "a list of names");
-        out = value->get<std::vector<std::string>>();
-      }
-      return out;
-    };
-    lora.modules_to_save(string_list("modules_to_save"));
-    lora.exclude_modules(string_list("exclude_modules"));
-    lora.layers_pattern(string_list("layers_pattern"));
-    if (const auto* layers = get("layers_to_transform")) {
-      if (layers->is_number_integer()) {
-        lora.layers_to_transform({layers->get<int64_t>()});
-      } else {
-        require(layers->is_array() && std::all_of(layers->begin(), layers->end(),
-                                                   [](const nlohmann::ordered_json& item) { return item.is_number_integer(); }),
-                "layers_to_transform", "an integer or a list of integers");
-        lora.layers_to_transform(layers->get<std::vector<int64_t>>());
-      }
-    }
-    if (const auto* pattern = get("rank_pattern")) {
-      require(pattern->is_object(), "rank_pattern", "an object of ranks");
-      RankPattern ranks;
-      for (const auto& [key, value] : pattern->items()) {
-        require(value.is_number_integer(), "rank_pattern", "an object of integer ranks");
-        ranks.emplace_back(key, value.get<int64_t>());
-      }
-      lora.rank_pattern(ranks);
-    }
-    if (const auto* pattern = get("alpha_pattern")) {
-      require(pattern->is_object(), "alpha_pattern", "an object of numbers");
-      AlphaPattern alphas;
-      for (const auto& [key, value] : pattern->items()) {
-        require(value.is_number(), "alpha_pattern", "an object of numbers");
-        alphas.emplace_back(key, value.get<double>());
-      }
-      lora.alpha_pattern(alphas);
-    }
-    if (const auto* bias = get("bias")) {
-      require(bias->is_string(), "bias", "\"none\", \"all\" or \"lora_only\"");
-      lora.bias(parse_bias(bias->get<std::string>()));
-    }
-    config.lora = lora;
-    if (const auto* task = get("task_type")) config.task_type = task->is_string() ? task->get<std::string>() : "";
-    if (!get("task_type")) config.task_type = "";
-    if (const auto* base = get("base_model_name_or_path"); base && base->is_string()) {
-      config.base_model_name_or_path = base->get<std::string>();
-    }
-    if (const auto* revision = get("revision"); revision && revision->is_string()) config.revision = revision->get<std::string>();
-    if (const auto* inference = get("inference_mode"); inference && inference->is_boolean()) {
-      config.inference_mode = inference->get<bool>();
-    }
-    if (const auto* version = get("peft_version"); version && version->is_string()) {
-      config.peft_version = version->get<std::string>();
-    }
-    try {
-      config.lora.validate();
-    } catch (const c10::Error& error) {
-      TORCH_CHECK(false, where, ": ", error.what_without_backtrace());
-    }
-    return config;
-  }
+/// What `load_adapter` attached, with the configuration it read (which the model now
+/// remembers, so `save_adapter` writes it back without a second read).
+struct LoadedAdapter {
+  LoraConfig config;
+  InjectionReport report;
+  /// Saved modules the task type implies ("classifier" for SEQ_CLS) that the file did not
+  /// hold: they keep the model's values, as in PEFT.
+  std::vector<std::string> kept_modules;
 };
 
 namespace detail {
 
+inline const std::string& peft_prefix() {
+  static const std::string prefix = "base_model.model.";
+  return prefix;
+}
+
 inline std::filesystem::path adapter_folder(const std::string& dir, const std::string& name) {
+  TORCH_CHECK(!name.empty() && name.find_first_of("/\\") == std::string::npos && name != "." && name != "..",
+              "lora: adapter name '", name, "' cannot name a folder (it must be a plain name, without '/')");
+  TORCH_CHECK(!dir.empty(), "lora: no folder given for adapter '", name, "'");
   // PEFT puts an adapter named other than "default" in a sub-folder of that name.
   return name == "default" ? std::filesystem::path(dir) : std::filesystem::path(dir) / name;
 }
 
-}  // namespace detail
+/// Checks that `config` describes adapter `name` as the model holds it: the modules it selects
+/// among `modules` are exactly the layers with the adapter, each with the rank, alpha, rsLoRA
+/// and DoRA the config gives it, and the saved modules are exactly those it saves. `layers`
+/// are the adapter layers by path. Throws naming the first difference.
+inline void check_config_describes(const LoraConfig& config, const std::string& name,
+                                   const std::vector<ModuleEntry>& modules,
+                                   const std::vector<std::pair<std::string, std::shared_ptr<AdapterLayer>>>& layers,
+                                   const char* who) {
+  const TargetMatcher matcher(config);
+  std::vector<Selection> selected;
+  try {
+    selected = select_modules(matcher, modules, who, "linear modules");
+  } catch (const c10::Error& error) {
+    TORCH_CHECK(false, who, ": the config does not describe adapter '", name, "': ", error.what_without_backtrace());
+  }
+  std::map<std::string, const Selection*> by_name;
+  for (const auto& selection : selected) by_name[selection.name] = &selection;
+  std::set<std::string> holders;
+  for (const auto& [path, layer] : layers) {
+    if (!layer->has_adapter(name)) continue;
+    holders.insert(path);
+    const auto found = by_name.find(path);
+    auto lora = std::dynamic_pointer_cast<LoRALayer>(layer);
+    TORCH_CHECK(found != by_name.end(), who, ": module '", path, "' holds adapter '", name, "' (",
+                lora ? "LoRA" : "saved in full", ") but the config does not select it");
+    TORCH_CHECK(found->second->saved == (lora == nullptr), who, ": module '", path, "' holds adapter '", name,
+                lora ? "' as LoRA but the config saves it in full" : "' saved in full but the config adapts it");
+    if (!lora) continue;
+    const auto& have = lora->adapter_options(name);
+    const auto& want = found->second->options;
+    auto differ = [&](const char* what, const auto& a, const auto& b) {
+      TORCH_CHECK(a == b, who, ": module '", path, "': adapter '", name, "' has ", what, "=", a,
+                  " but the config gives ", what, "=", b, "; the saved file would load with another scale");
+    };
+    differ("r", have.r(), want.r());
+    differ("lora_alpha", have.alpha(), want.alpha());
+    differ("use_rslora", have.use_rslora(), want.use_rslora());
+    differ("use_dora", have.use_dora(), want.use_dora());
+  }
+  for (const auto& selection : selected) {
+    TORCH_CHECK(holders.count(selection.name), who, ": the config ", selection.saved ? "saves" : "adapts", " module '",
+                selection.name, "' but it does not hold adapter '", name, "'");
+  }
+}
 
-namespace detail {
+/// Writes an adapter folder as one unit (both files or neither; see `replace_folder_atomically`).
+inline void write_adapter_folder(const std::filesystem::path& folder, const LoraConfig& config,
+                                 const torch::OrderedDict<std::string, at::Tensor>& tensors, const SaveOptions& options) {
+  const auto json = adapter_config_json(config, options.format);
+  lora::detail::replace_folder_atomically(
+      folder.string(),
+      [&](const std::filesystem::path& temporary) {
+        save_safetensors((temporary / "adapter_model.safetensors").string(), tensors, {{"format", "pt"}});
+        std::string text;
+        try {
+          text = json.dump(2) + "\n";
+        } catch (const nlohmann::json::exception& error) {
+          TORCH_CHECK(false, "lora: cannot write adapter_config.json for '", folder.string(), "': ", error.what());
+        }
+        lora::detail::write_file_atomically((temporary / "adapter_config.json").string(),
+                                            [&](std::ostream& out) { out << text; }, "lora");
+      },
+      "lora::io::save_adapter");
+}
 
-/// Writes the two files of an adapter folder, each atomically.
-inline void write_adapter_folder(const std::filesystem::path& folder, const AdapterConfig& config,
-                                 const torch::OrderedDict<std::string, at::Tensor>& tensors) {
-  std::filesystem::create_directories(folder);
-  save_safetensors((folder / "adapter_model.safetensors").string(), tensors, {{"format", "pt"}});
-  const auto text = config.to_json().dump(2) + "\n";
-  lora::detail::write_file_atomically((folder / "adapter_config.json").string(),
-                                      [&](std::ostream& out) { out << text; }, "lora");
+/// The configuration saved for adapter `name`: `given`, or else the one the model remembers.
+inline LoraConfig config_to_save(const torch::nn::Module& model, const std::string& name, const LoraConfig* given) {
+  if (given) return *given;
+  const auto remembered = lora::detail::model_adapter_config(model, name);
+  TORCH_CHECK(remembered != nullptr, "lora::io::save_adapter: adapter '", name,
+              "' was not attached by lora::inject or load_adapter, so the model does not know its config; pass the "
+              "LoraConfig it was made with");
+  return *remembered;
 }
 
 }  // namespace detail
+
+/// Reads `adapter_config.json` of an adapter folder (`dir/<name>/` for a name other than
+/// "default").
+inline LoraConfig read_adapter_config(const std::string& dir, const std::string& name = "default",
+                                      std::ostream* warn = &std::cerr) {
+  const auto path = (detail::adapter_folder(dir, name) / "adapter_config.json").string();
+  return lora_config_from_json(read_json_file(path), path, warn);
+}
 
 /// Writes adapter `name` of `model` as PEFT does: `dir/adapter_config.json` and
-/// `dir/adapter_model.safetensors` (`dir/<name>/…` for a name other than "default"). `config`
-/// is the configuration the adapter was attached with. Each file is written atomically.
-inline void save_adapter(const torch::nn::Module& model, const AdapterConfig& config, const std::string& dir,
-                         const std::string& name = "default") {
-  detail::write_adapter_folder(detail::adapter_folder(dir, name), config, adapter_state_dict(model, name));
+/// `dir/adapter_model.safetensors` (`dir/<name>/…` for a name other than "default"), with the
+/// configuration the adapter was attached with. The folder is replaced as a unit: a failure
+/// or a crash leaves the previous adapter intact, never a mismatched pair.
+inline void save_adapter(const torch::nn::Module& model, const std::string& dir, const std::string& name = "default",
+                         const SaveOptions& options = {});
+
+/// The same with an explicit configuration (e.g. another `base_model_name_or_path`). It must
+/// describe the adapter as the model holds it: the same modules, ranks, alphas, rsLoRA and
+/// DoRA, or saving refuses naming the difference (a wrong config would load with the wrong
+/// scale).
+inline void save_adapter(const torch::nn::Module& model, const LoraConfig& config, const std::string& dir,
+                         const std::string& name = "default", const SaveOptions& options = {});
+
+namespace detail {
+
+inline void save_adapter_impl(const torch::nn::Module& model, const LoraConfig* given, const std::string& dir,
+                              const std::string& name, const SaveOptions& options) {
+  lora::detail::check_model_adapter(model, name, "save");
+  const auto config = config_to_save(model, name, given);
+  std::vector<ModuleEntry> modules;
+  for (const auto& item : lora::detail::selectable_modules(model)) modules.push_back(item.first);
+  check_config_describes(config, name, modules, adapter_layers(model), "lora::io::save_adapter");
+  write_adapter_folder(adapter_folder(dir, name), config, adapter_state_dict(model, name), options);
 }
 
-/// Reads `adapter_config.json` of an adapter folder.
-inline AdapterConfig read_adapter_config(const std::string& dir, const std::string& name = "default",
-                                         std::ostream* warn = &std::cerr) {
-  const auto path = detail::adapter_folder(dir, name) / "adapter_config.json";
-  std::ifstream in(path);
-  TORCH_CHECK(in, "lora: cannot open '", path.string(), "'");
-  nlohmann::ordered_json json;  // ordered: rank/alpha patterns match in file order
-  try {
-    in >> json;
-  } catch (const nlohmann::json::exception& error) {
-    TORCH_CHECK(false, "lora: invalid JSON in '", path.string(), "': ", error.what());
-  }
-  return AdapterConfig::from_json(json, path.string(), warn);
+}  // namespace detail
+
+inline void save_adapter(const torch::nn::Module& model, const std::string& dir, const std::string& name,
+                         const SaveOptions& options) {
+  detail::save_adapter_impl(model, nullptr, dir, name, options);
+}
+
+inline void save_adapter(const torch::nn::Module& model, const LoraConfig& config, const std::string& dir,
+                         const std::string& name, const SaveOptions& options) {
+  detail::save_adapter_impl(model, &config, dir, name, options);
 }
 
 namespace detail {
 
-/// Reads an adapter folder for loading into a model with these module names: the LoraConfig
-/// to attach (SEQ_CLS's implied saved modules included when present in both the model and the
-/// file, as PEFT's "score" is for other architectures; init "default" so that no
-/// initialisation rewrites base weights) and the tensors, whose keys and `lora_A` ranks are
-/// checked against the config.
-inline std::pair<LoraConfig, torch::OrderedDict<std::string, at::Tensor>> read_for_loading(
-    const std::string& dir, const std::string& name, const std::vector<std::string>& module_names,
-    std::ostream* warn) {
-  const auto config = read_adapter_config(dir, name, warn);
-  const auto init = parse_init(config.lora.adapter().init()).kind;
+/// An adapter folder read for loading: its config and tensors, with the checks that need no
+/// model (key prefix, PiSSA/OLoRA refusal, each `lora_A` rank against `r` / `rank_pattern`).
+struct AdapterFiles {
+  LoraConfig config;
+  torch::OrderedDict<std::string, at::Tensor> tensors;
+  std::string tensor_file;
+};
+
+inline AdapterFiles read_adapter_files(const std::string& dir, const std::string& name, std::ostream* warn) {
+  auto config = read_adapter_config(dir, name, warn);
+  const auto init = parse_init(config.adapter().init()).kind;
   TORCH_CHECK(init != InitKind::kPiSSA && init != InitKind::kOLoRA, "lora: the adapter in '", dir,
-              "' was initialised with '", config.lora.adapter().init(),
+              "' was initialised with '", config.adapter().init(),
               "', which trains against a residual base weight (W minus its principal part); loading it onto the "
               "original model would be wrong. Load it onto the residual model, or convert it to a plain LoRA "
               "adapter first (PEFT: path_initial_model_for_weight_conversion)");
   const auto file = (adapter_folder(dir, name) / "adapter_model.safetensors").string();
   auto tensors = load_safetensors(file).tensors;
-  const std::string prefix = "base_model.model.";
-
-  std::vector<std::string> saved;
-  const auto& listed = config.lora.modules_to_save();
-  for (const auto& candidate : config.effective_modules_to_save()) {
-    if (std::find(listed.begin(), listed.end(), candidate) != listed.end()) {
-      saved.push_back(candidate);
-      continue;
-    }
-    const bool present = std::any_of(module_names.begin(), module_names.end(), [&](const std::string& module) {
-      if (!name_matches(module, candidate)) return false;
-      const auto inside = prefix + module + ".";
-      return std::any_of(tensors.begin(), tensors.end(),
-                         [&](const auto& item) { return item.key().compare(0, inside.size(), inside) == 0; });
-    });
-    if (present) saved.push_back(candidate);
-  }
-  auto lora = config.lora;
-  lora.modules_to_save(saved);
-  lora.adapter(LoRAOptions(lora.adapter()).init("default"));
-
-  const TargetMatcher matcher(lora);
+  const auto& prefix = peft_prefix();
+  const TargetMatcher matcher(config);
   for (const auto& item : tensors) {
     const auto& key = item.key();
     TORCH_CHECK(key.compare(0, prefix.size(), prefix) == 0, "lora: adapter tensor '", key, "' in '", file,
@@ -336,36 +227,61 @@ inline std::pair<LoraConfig, torch::OrderedDict<std::string, at::Tensor>> read_f
                   ", but adapter_config.json gives module '", path, "' r=", expected);
     }
   }
-  return {lora, tensors};
+  return {std::move(config), std::move(tensors), file};
+}
+
+/// Loaded adapters never re-run a data-dependent initialisation: their tensors are loaded.
+inline void plain_init(AdapterPlan& plan) {
+  for (auto& selection : plan.modules) selection.options.init("default");
+}
+
+/// The saved modules the plan wraps that the file holds no tensor for.
+inline std::vector<std::string> modules_without_tensors(const AdapterPlan& plan,
+                                                        const torch::OrderedDict<std::string, at::Tensor>& tensors) {
+  std::vector<std::string> kept;
+  for (const auto& selection : plan.modules) {
+    if (!selection.saved) continue;
+    const auto inside = peft_prefix() + selection.name + ".";
+    const bool present = std::any_of(tensors.begin(), tensors.end(), [&](const auto& item) {
+      return item.key().compare(0, inside.size(), inside) == 0;
+    });
+    if (!present) kept.push_back(selection.name);
+  }
+  return kept;
 }
 
 }  // namespace detail
 
-/// Attaches adapter `name` from a PEFT adapter folder to `model` and loads its tensors.
+/// Attaches adapter `name` from a PEFT adapter folder to `model` and loads its tensors: for
+/// inference (frozen, model in eval mode) unless `options.is_trainable`, as PEFT's
+/// `from_pretrained`. Returns the configuration read and what was attached where.
 ///
-/// Everything is checked before the model keeps any change: the config (peft_type, values),
-/// every tensor key against the model's module paths, each `lora_A` rank against `r` /
-/// `rank_pattern`, missing tensors, shapes. On any error the model is left as it was.
-/// Returns what was attached where.
-inline InjectionReport load_adapter(torch::nn::Module& model, const std::string& dir,
-                                    const std::string& name = "default", std::ostream* warn = &std::cerr) {
-  std::vector<std::string> module_names;
-  for (const auto& item : model.named_modules("", false)) module_names.push_back(item.key());
-  const auto [lora, tensors] = detail::read_for_loading(dir, name, module_names, warn);
-  const std::string prefix = "base_model.model.";
-
-  // Remember what inject changes beyond the new adapter, to undo it on failure.
-  std::vector<std::pair<at::Tensor, bool>> flags;
-  for (const auto& parameter : model.parameters()) flags.emplace_back(parameter, parameter.requires_grad());
-  InjectionReport report = inject(model, lora, name);
-  try {
-    load_adapter_state_dict(model, tensors, name, prefix);
-  } catch (...) {
-    delete_adapter(model, name);
-    for (auto& [parameter, requires_grad] : flags) parameter.requires_grad_(requires_grad);
-    throw;
+/// Everything is checked, and a failure at any point leaves the model exactly as it was (no
+/// adapter, same trainable flags, same output): the config (peft_type, values, settings this
+/// library lacks), every tensor key against the model's module paths, each `lora_A` rank
+/// against `r` / `rank_pattern`, missing tensors, shapes.
+///
+///     auto loaded = lora::io::load_adapter(*model, "sst2-adapter");
+///     std::cout << loaded.report.to_string();
+inline LoadedAdapter load_adapter(torch::nn::Module& model, const std::string& dir, const std::string& name = "default",
+                                  const LoadOptions& options = {}) {
+  auto files = detail::read_adapter_files(dir, name, options.warn);
+  auto plan = plan_injection(model, files.config, name);
+  detail::plain_init(plan);
+  const auto kept = detail::modules_without_tensors(plan, files.tensors);
+  lora::detail::UndoLog undo;
+  auto report = lora::detail::apply_plan(model, plan, /*freeze_the_rest=*/true, undo);
+  load_adapter_state_dict(model, files.tensors, name, detail::peft_prefix());
+  if (!options.is_trainable) {
+    lora::set_adapter_trainable(model, name, false);
+    model.eval();
   }
-  return report;
+  undo.commit();
+  if (options.warn && !kept.empty()) {
+    *options.warn << "lora: " << dir << ": no tensors for " << lora::detail::join(kept)
+                  << " (implied by task_type " << files.config.task_type() << "); they keep the model's values\n";
+  }
+  return {files.config, std::move(report), kept};
 }
 
 }  // namespace lora::io

@@ -3,7 +3,7 @@
 /// \file
 /// Hugging Face BERT checkpoint folders (`config.json` + `model.safetensors`, optionally
 /// sharded): load them into `BertForSequenceClassification`, save a model back, import weights
-/// from a TorchScript BERT.
+/// (TorchScript weight import: <lora/models/bert_torchscript.hpp>).
 
 #include <algorithm>
 #include <cstdio>
@@ -17,9 +17,9 @@
 #include <c10/util/Exception.h>
 #include <nlohmann/json.hpp>
 #include <torch/nn/init.h>
-#include <torch/script.h>
 
 #include <lora/detail/strings.hpp>
+#include <lora/detail/atomic_file.hpp>
 #include <lora/inject.hpp>
 #include <lora/io/safetensors.hpp>
 #include <lora/models/bert.hpp>
@@ -29,15 +29,21 @@ namespace lora::models {
 /// What a checkpoint load did besides copying matching tensors.
 struct LoadReport {
   std::vector<std::string> initialized;  ///< model tensors the checkpoint lacked and that were initialised
+  std::vector<std::string> kept;         ///< model tensors the checkpoint lacked, left as they were
   std::vector<std::string> ignored;      ///< checkpoint tensors known not to belong here (pretraining heads)
 };
 
 /// How strict a load is.
 struct LoadOptions {
-  /// Refuse missing or unexpected keys (other than the tolerated ones). Default true.
+  /// Refuse missing or unexpected keys (other than the tolerated ones). Default true. A
+  /// non-strict load copies what the checkpoint has and leaves every other tensor as it is.
   bool strict = true;
   /// Where notices go (initialised classifier, ignored pretraining heads); nullptr: silent.
   std::ostream* log = &std::cerr;
+  /// When the checkpoint has no classifier, initialise it as transformers does (normal σ 0.02,
+  /// zero bias) instead of keeping the model's values. Default false; loading a folder into a
+  /// fresh model (`load_bert_for_sequence_classification`) sets it.
+  bool init_missing_classifier = false;
 };
 
 /// Initialises weights as transformers' `BertPreTrainedModel._init_weights` does: linear and
@@ -85,8 +91,9 @@ inline bool starts_with(const std::string& text, const std::string& prefix) {
 ///
 /// Accepted besides exact keys: a checkpoint of a plain `BertModel` (keys without `bert.`),
 /// old `LayerNorm.gamma/beta` names, pretraining heads (`cls.*`) and `position_ids` (ignored),
-/// and a missing `classifier` (initialised as transformers does, with a notice). Anything else
-/// missing or unexpected is an error listing the keys (unless `options.strict` is false); a
+/// and a missing `classifier` (kept, or with `options.init_missing_classifier` initialised as
+/// transformers does, with a notice). Anything else missing or unexpected is an error listing
+/// the keys (unless `options.strict` is false: then only what the checkpoint has is copied); a
 /// shape mismatch names the key and both shapes. Nothing is copied when a check fails.
 inline LoadReport load_bert_state(BertForSequenceClassificationImpl& model,
                                   const torch::OrderedDict<std::string, at::Tensor>& checkpoint,
@@ -130,6 +137,7 @@ inline LoadReport load_bert_state(BertForSequenceClassificationImpl& model,
       missing.push_back(item.key());
     }
   }
+  if (!options.strict) report.kept.insert(report.kept.end(), missing.begin(), missing.end());
   if (options.strict) {
     TORCH_CHECK(missing.empty(), "BERT checkpoint ", where, " lacks ", missing.size(), " tensor(s): ",
                 lora::detail::join(missing));
@@ -140,6 +148,11 @@ inline LoadReport load_bert_state(BertForSequenceClassificationImpl& model,
   torch::NoGradGuard no_grad;
   for (auto& [destination, source] : copies) destination.copy_(source);
   if (!report.initialized.empty()) {
+    if (!options.init_missing_classifier) {
+      report.kept.insert(report.kept.end(), report.initialized.begin(), report.initialized.end());
+      report.initialized.clear();
+      return report;
+    }
     for (const auto& key : report.initialized) {
       auto tensor = targets[key];
       key.size() >= 4 && key.compare(key.size() - 4, 4, "bias") == 0 ? tensor.zero_() : tensor.normal_(0.0, 0.02);
@@ -158,12 +171,13 @@ inline LoadReport load_bert_state(BertForSequenceClassificationImpl& model,
 inline torch::OrderedDict<std::string, at::Tensor> read_checkpoint_tensors(const std::string& folder) {
   namespace fs = std::filesystem;
   const fs::path dir(folder);
-  TORCH_CHECK(fs::is_directory(dir), "BERT checkpoint: '", folder, "' is not a folder");
+  std::error_code error;
+  TORCH_CHECK(fs::is_directory(dir, error), "BERT checkpoint: '", folder, "' is not a folder");
   torch::OrderedDict<std::string, at::Tensor> tensors("checkpoint tensor");
-  if (fs::exists(dir / "model.safetensors")) {
+  if (fs::exists(dir / "model.safetensors", error)) {
     return io::load_safetensors((dir / "model.safetensors").string(), at::kFloat).tensors;
   }
-  if (fs::exists(dir / "model.safetensors.index.json")) {
+  if (fs::exists(dir / "model.safetensors.index.json", error)) {
     std::ifstream in(dir / "model.safetensors.index.json");
     nlohmann::json index;
     try {
@@ -174,7 +188,11 @@ inline torch::OrderedDict<std::string, at::Tensor> read_checkpoint_tensors(const
     TORCH_CHECK(index.contains("weight_map") && index["weight_map"].is_object(),
                 "BERT checkpoint: model.safetensors.index.json in '", folder, "' has no weight_map");
     std::set<std::string> shards;
-    for (const auto& [name, file] : index["weight_map"].items()) shards.insert(file.get<std::string>());
+    for (const auto& [name, file] : index["weight_map"].items()) {
+      TORCH_CHECK(file.is_string(), "BERT checkpoint: model.safetensors.index.json in '", folder, "' maps '", name,
+                  "' to ", file.dump(), ", not a file name");
+      shards.insert(file.get<std::string>());
+    }
     for (const auto& shard : shards) {
       TORCH_CHECK(shard.find('/') == std::string::npos && shard.find("..") == std::string::npos,
                   "BERT checkpoint: shard name '", shard, "' in '", folder, "' must be a plain file name");
@@ -184,7 +202,7 @@ inline torch::OrderedDict<std::string, at::Tensor> read_checkpoint_tensors(const
     }
     return tensors;
   }
-  TORCH_CHECK(!fs::exists(dir / "pytorch_model.bin"), "BERT checkpoint: '", folder,
+  TORCH_CHECK(!fs::exists(dir / "pytorch_model.bin", error), "BERT checkpoint: '", folder,
               "' has only pytorch_model.bin, which LibTorch cannot read (it is a pickled Python state dict). "
               "Convert it once with Python: python -c \"import torch; from safetensors.torch import save_file; "
               "save_file({k: v.contiguous() for k, v in torch.load('pytorch_model.bin', map_location='cpu').items()}, "
@@ -202,20 +220,13 @@ inline BertForSequenceClassification load_bert_for_sequence_classification(const
                                                                            const LoadOptions& options = {}) {
   namespace fs = std::filesystem;
   const auto config_path = fs::path(folder) / "config.json";
-  TORCH_CHECK(fs::exists(config_path), "BERT checkpoint: '", folder, "' has no config.json");
+  std::error_code error;
+  TORCH_CHECK(fs::exists(config_path, error), "BERT checkpoint: '", folder, "' has no config.json");
   BertForSequenceClassification model(BertConfig::from_file(config_path.string()));
-  load_bert_state(*model, read_checkpoint_tensors(folder), options, "'" + folder + "'");
+  auto fresh = options;
+  fresh.init_missing_classifier = true;  // a new model: transformers' initialisation, not LibTorch's
+  load_bert_state(*model, read_checkpoint_tensors(folder), fresh, "'" + folder + "'");
   return model;
-}
-
-/// Imports the weights of a TorchScript BERT (a transformers model traced and saved with
-/// `torch.jit.save`) by parameter name.
-inline LoadReport load_bert_state_from_torchscript(BertForSequenceClassificationImpl& model,
-                                                   const torch::jit::Module& scripted, const LoadOptions& options = {}) {
-  torch::OrderedDict<std::string, at::Tensor> state("scripted tensor");
-  for (const auto& item : scripted.named_parameters()) state.insert(item.name, item.value.detach());
-  for (const auto& item : scripted.named_buffers()) state.insert(item.name, item.value.detach());
-  return load_bert_state(model, state, options, "TorchScript module");
 }
 
 /// Writes `model` as a Hugging Face folder: config.json and model.safetensors (float32,
@@ -225,26 +236,47 @@ inline LoadReport load_bert_state_from_torchscript(BertForSequenceClassification
 inline void save_bert(BertForSequenceClassificationImpl& model, const std::string& folder,
                       const std::string& vocab_file = "") {
   namespace fs = std::filesystem;
-  for (const auto& [name, layer] : lora::lora_layers(model)) {
-    const auto names = layer->adapter_names();
-    const auto& merged = layer->merged_adapters();
-    for (const auto& adapter : names) {
-      TORCH_CHECK(std::find(merged.begin(), merged.end(), adapter) != merged.end(), "save_bert: layer '", name,
-                  "' has unmerged adapter '", adapter,
+  for (const auto& [name, layer] : lora::adapter_layers(model)) {
+    auto lora_layer = std::dynamic_pointer_cast<LoRALayer>(layer);
+    for (const auto& adapter : layer->adapter_names()) {
+      const bool merged = lora_layer != nullptr &&
+                          std::find(lora_layer->merged_adapters().begin(), lora_layer->merged_adapters().end(),
+                                    adapter) != lora_layer->merged_adapters().end();
+      TORCH_CHECK(merged, "save_bert: ", lora_layer ? "layer '" : "saved module '", name, "' has ",
+                  lora_layer ? "unmerged adapter '" : "a trained copy for adapter '", adapter,
                   "'; call lora::merge_and_unload(model) first (or save the adapter alone)");
     }
   }
-  fs::create_directories(folder);
   torch::OrderedDict<std::string, at::Tensor> tensors("tensor");
   for (const auto& item : lora::base_state_dict(model)) tensors.insert(item.key(), item.value().to(at::kFloat));
-  io::save_safetensors((fs::path(folder) / "model.safetensors").string(), tensors, {{"format", "pt"}});
-
-  const auto config_text = model.config.to_json().dump(2) + "\n";
-  lora::detail::write_file_atomically((fs::path(folder) / "config.json").string(),
-                                      [&](std::ostream& out) { out << config_text; }, "save_bert");
-  if (!vocab_file.empty()) {
-    fs::copy_file(vocab_file, fs::path(folder) / "vocab.txt", fs::copy_options::overwrite_existing);
+  std::string config_text;
+  try {
+    config_text = model.config.to_json().dump(2) + "\n";
+  } catch (const nlohmann::json::exception& error) {
+    TORCH_CHECK(false, "save_bert: cannot write config.json for '", folder, "': ", error.what());
   }
+  // One unit: weights, config and vocabulary always match (other files in the folder are kept).
+  lora::detail::replace_folder_atomically(
+      folder,
+      [&](const fs::path& temporary) {
+        io::save_safetensors((temporary / "model.safetensors").string(), tensors, {{"format", "pt"}});
+        lora::detail::write_file_atomically((temporary / "config.json").string(),
+                                            [&](std::ostream& out) { out << config_text; }, "save_bert");
+        if (!vocab_file.empty()) {
+          std::error_code error;
+          fs::copy_file(vocab_file, temporary / "vocab.txt", error);
+          TORCH_CHECK(!error, "save_bert: cannot copy vocabulary '", vocab_file, "': ", error.message());
+        }
+      },
+      "save_bert",
+      // Other files stay (tokenizer_config.json, a README); stale weights and a tokenizer.json
+      // that no longer matches the vocabulary do not.
+      [&](const std::string& name) {
+        const bool weights = name == "model.safetensors.index.json" || name.rfind("pytorch_model", 0) == 0 ||
+                             (name.rfind("model-", 0) == 0 && name.size() > 12 &&
+                              name.compare(name.size() - 12, 12, ".safetensors") == 0);
+        return !weights && !(name == "tokenizer.json" && !vocab_file.empty());
+      });
 }
 
 }  // namespace lora::models

@@ -141,11 +141,12 @@ class WordPieceTokenizer {
     return tokens;
   }
 
-  /// [CLS] a [SEP] (b [SEP]) with token types 0 (a) and 1 (b), truncated to `max_length`
-  /// tokens (0: no limit) by removing tokens from the end of the longer sequence first
-  /// (transformers' "longest_first").
+  /// [CLS] a [SEP] (b [SEP]) with token types 0 (a) and 1 (b). With `max_length` > 0 it is
+  /// truncated to that many tokens by removing tokens from the end of the longer sequence first
+  /// (transformers' "longest_first"); by default (0) nothing is cut, as transformers'
+  /// `tokenizer(text)` does not truncate unless asked.
   Encoding encode(const std::string& a, const std::optional<std::string>& b = std::nullopt,
-                  int64_t max_length = 512) const {
+                  int64_t max_length = 0) const {
     auto first = tokenize_ids(a);
     std::vector<int64_t> second;
     if (b) second = tokenize_ids(*b);
@@ -178,8 +179,10 @@ class WordPieceTokenizer {
 
   /// Pads encodings into int64 tensors: to the longest row, or to `max_length`.
   BatchEncoding pad(const std::vector<Encoding>& encodings, Padding padding = Padding::kLongest,
-                    int64_t max_length = 512) const {
+                    int64_t max_length = 0) const {
     TORCH_CHECK(!encodings.empty(), "WordPieceTokenizer: cannot pad an empty batch");
+    TORCH_CHECK(padding != Padding::kMaxLength || max_length > 0,
+                "WordPieceTokenizer: padding to max_length needs max_length > 0 (got ", max_length, ")");
     int64_t longest = 0;
     for (const auto& encoding : encodings) longest = std::max<int64_t>(longest, encoding.input_ids.size());
     const int64_t length = padding == Padding::kLongest ? longest : max_length;
@@ -205,8 +208,8 @@ class WordPieceTokenizer {
     return batch;
   }
 
-  /// Encodes and pads single sentences.
-  BatchEncoding encode_batch(const std::vector<std::string>& texts, int64_t max_length = 512,
+  /// Encodes and pads single sentences, truncated to `max_length` tokens when it is > 0.
+  BatchEncoding encode_batch(const std::vector<std::string>& texts, int64_t max_length = 0,
                              Padding padding = Padding::kLongest) const {
     std::vector<Encoding> encodings;
     encodings.reserve(texts.size());
