@@ -474,6 +474,8 @@ TEST_F(InjectTest, EntriesThatMatchNothingAreErrors) {
   EXPECT_TRUE(lora::adapter_layers(*model).size() == lora::lora_layers(*model).size()) << "no saved module was wrapped";
   // The sequence-classification heads PEFT adds may be absent ("score" here), listed or not.
   EXPECT_NO_THROW(lora::inject(*model, LoraConfig(base).task_type("SEQ_CLS").modules_to_save({"classifier", "score"})));
+  TinyBert tokens;
+  EXPECT_NO_THROW(lora::inject(*tokens, LoraConfig(base).task_type("TOKEN_CLS").modules_to_save({"classifier", "score"})));
 }
 
 TEST_F(InjectTest, AFailureAtLayerKOfNLeavesTheModelExactlyAsItWas) {
@@ -661,8 +663,8 @@ TEST_F(InjectTest, SavedModulesDoNotNestAndRegexTargetsTakeNoLayerFilter) {
   TinyBert model;
   lora::inject(*model, LoraConfig(LoRAOptions(2)).target_modules({"query"}).modules_to_save({"pooler.dense"}), "a");
   LORA_EXPECT_THROWS_WITH(lora::inject(*model, LoraConfig(LoRAOptions(2)).target_modules({"value"}).modules_to_save({"pooler"}), "b"),
-                          "module 'pooler': lora::ModulesToSave: module 'pooler.dense' is saved already, for adapters (a); "
-                          "saved modules cannot nest");
+                          "module 'pooler' cannot be saved: 'pooler.dense' is saved already, for adapters (a); saved "
+                          "modules cannot nest");
   EXPECT_EQ(lora::detail::all_adapter_names(*model), std::vector<std::string>{"a"});
   LORA_EXPECT_THROWS_WITH(lora::inject(*model, LoraConfig(LoRAOptions(2)).target_modules({"pooler.dense"}), "c"),
                           "module 'pooler.dense' matches the targets but is saved in full for adapter(s) a");
@@ -673,4 +675,49 @@ TEST_F(InjectTest, SavedModulesDoNotNestAndRegexTargetsTakeNoLayerFilter) {
   LORA_EXPECT_THROWS_WITH(lora::add_modules_to_save(*model, {"classifier"}, "a"), "the model already has adapter 'a'");
   lora::add_modules_to_save(*model, {"classifier"}, "head");
   EXPECT_EQ(lora::detail::all_adapter_names(*model), (std::vector<std::string>{"a", "head"}));
+}
+
+TEST_F(InjectTest, MergeAndUnloadWhileDisabledKeepsSavedCopies) {
+  // A head-only baseline (saved modules, no LoRA layer to refuse): disabled, merge_and_unload
+  // would put the original head back and drop the trained copy.
+  Chain model;
+  lora::add_modules_to_save(*model, {"head"});
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& parameter : model->parameters()) {
+      if (parameter.requires_grad()) parameter.add_(0.1);
+    }
+  }
+  const auto x = torch::randn({2, 8});
+  const auto trained = model(x).detach();
+  lora::enable_adapters(*model, false);
+  LORA_EXPECT_THROWS_WITH(lora::merge_and_unload(*model), "module 'head': cannot merge while adapters are disabled");
+  lora::enable_adapters(*model, true);
+  EXPECT_TRUE(torch::equal(model(x), trained));
+  lora::merge_and_unload(*model);
+  EXPECT_TRUE(torch::equal(model(x), trained));
+  EXPECT_EQ(std::dynamic_pointer_cast<lora::ModulesToSaveImpl>(model->named_children()["head"]), nullptr);
+}
+
+TEST_F(InjectTest, SavedCopiesFollowTheModelToAnotherDtype) {
+  Chain model;
+  lora::inject(*model, LoraConfig(LoRAOptions(2).alpha(4)).target_modules({"proj0"}).modules_to_save({"head"}), "a");
+  lora::inject(*model, LoraConfig(LoRAOptions(2).alpha(4)).target_modules({"proj1"}).modules_to_save({"head"}), "b");
+  const auto x = torch::randn({3, 8});
+  auto head = std::dynamic_pointer_cast<lora::ModulesToSaveImpl>(model->named_children()["head"]);
+  {
+    torch::NoGradGuard no_grad;  // a's copy differs from b's
+    for (auto& parameter : head->module()->parameters()) parameter.add_(0.1);
+  }
+  const auto with_a = model(x).detach();
+  lora::set_adapter(*model, "b");
+  const auto with_b = model(x).detach();
+  model->to(torch::kDouble);  // every copy is registered: all move
+  lora::set_adapter(*model, "a");
+  const auto y = model(x.to(torch::kDouble));
+  EXPECT_EQ(y.scalar_type(), torch::kDouble);
+  EXPECT_LT(max_abs_diff(y, with_a), 1e-6);
+  for (const auto& item : model->named_parameters()) EXPECT_EQ(item.value().scalar_type(), torch::kDouble) << item.key();
+  lora::set_adapter(*model, "b");
+  EXPECT_LT(max_abs_diff(model(x.to(torch::kDouble)), with_b), 1e-6);
 }

@@ -370,3 +370,37 @@ TEST_F(JitTest, ASavedModuleCannotHoldATargetAndOneJitAdaptersPerModule) {
                           "is re-parametrised by another JitAdapters");
   EXPECT_EQ(adapters.target_names().size(), 7u);
 }
+
+TEST_F(JitTest, SavedCopiesAndTheirGradientsFollowAMovedScriptedModule) {
+  TinyBert native;
+  auto scripted = lora::testing::scripted_twin(native);
+  auto adapters = JitAdapters::inject(scripted, LoraConfig(LoRAOptions(2)).target_modules({"query"}).modules_to_save({"classifier"}));
+  adapters.add_adapter(LoraConfig(LoRAOptions(2)).target_modules({"value"}).modules_to_save({"classifier"}), "b");
+  const auto x = torch::randn({2, 4, lora::testing::kHidden});
+  run(scripted, x).sum().backward();  // the classifier's copy for "default" gets a gradient
+  adapters.set_adapter("b");          // which goes aside with its values (float32, in C++)
+  scripted.to(torch::kDouble);        // the scripted module moves on its own
+  adapters.set_adapter("default");    // its copy comes back, converted, gradient included
+  for (const auto& item : scripted.named_parameters()) {
+    if (item.name.rfind("classifier.", 0) != 0) continue;
+    EXPECT_EQ(item.value.scalar_type(), torch::kDouble) << item.name;
+    ASSERT_TRUE(item.value.grad().defined()) << item.name;
+    EXPECT_EQ(item.value.grad().scalar_type(), torch::kDouble) << item.name;
+  }
+  run(scripted, x.to(torch::kDouble)).sum().backward();  // accumulates into the moved gradient
+}
+
+TEST_F(JitTest, SavedModulesDoNotNest) {
+  TinyBert native;
+  auto scripted = lora::testing::scripted_twin(native);
+  auto adapters = JitAdapters::inject(scripted, LoraConfig(LoRAOptions(2)).target_modules({"query"}).modules_to_save({"pooler"}));
+  LORA_EXPECT_THROWS_WITH(adapters.add_adapter(LoraConfig(LoRAOptions(2)).target_modules({"value"}).modules_to_save({"pooler.dense"}), "b"),
+                          "module 'pooler.dense' cannot be saved: 'pooler' is saved already, for adapters (default)");
+  LORA_EXPECT_THROWS_WITH(adapters.add_adapter(LoraConfig(LoRAOptions(2)).target_modules({"pooler.dense"}), "c"),
+                          "module 'pooler.dense' matches the targets but is saved in full for adapter(s) default "
+                          "(modules_to_save of 'pooler')");
+  auto other = lora::testing::scripted_twin(native);
+  auto reverse = JitAdapters::inject(other, LoraConfig(LoRAOptions(2)).target_modules({"query"}).modules_to_save({"pooler.dense"}));
+  LORA_EXPECT_THROWS_WITH(reverse.add_adapter(LoraConfig(LoRAOptions(2)).target_modules({"value"}).modules_to_save({"pooler"}), "b"),
+                          "module 'pooler' cannot be saved: 'pooler.dense' is saved already");
+}

@@ -328,6 +328,13 @@ TEST_F(PeftTest, TorchScriptModulesSaveAndLoadTheSameFiles) {
   // native → TorchScript
   lora::unload(*native);
   auto scripted = lora::testing::scripted_twin(native);
+  {
+    auto frozen_twin = lora::testing::scripted_twin(native);
+    auto frozen = lora::io::load_jit_adapter(frozen_twin, path("native"));  // for inference, as PEFT loads
+    EXPECT_TRUE(frozen.parameters().empty());
+    EXPECT_FALSE(frozen_twin.is_training());
+    EXPECT_LT(max_abs_diff(frozen_twin.forward({x}).toTensor(), expected), 1e-5);
+  }
   auto adapters = lora::io::load_jit_adapter(scripted, path("native"), "default", kTrainable);
   EXPECT_LT(max_abs_diff(scripted.forward({x}).toTensor(), expected), 1e-5);
   EXPECT_EQ(adapters.parameters().size(), 4u * 3u + 2u);
@@ -491,6 +498,14 @@ TEST_F(PeftTest, SavingRefusesAConfigThatDoesNotDescribeTheAdapter) {
   model->named_modules()["encoder.layer.1.attention.self.query"]->as<lora::LoRALinearImpl<>>()->delete_adapter("default");
   LORA_EXPECT_THROWS_WITH(lora::io::save_adapter(*model, path("out2")),
                           "the config adapts module 'encoder.layer.1.attention.self.query' but it does not hold adapter");
+  // The bias mode decides the biases in the file, and PiSSA the base weights: both must agree.
+  LORA_EXPECT_THROWS_WITH(save_with(LoraConfig(lora).bias(lora::BiasMode::kAll)),
+                          "adapter 'default' was attached with bias 'none' but the config gives 'all'");
+  LORA_EXPECT_THROWS_WITH(save_with(LoraConfig(lora).adapter(LoRAOptions(4).alpha(8).init("pissa"))),
+                          "adapter 'default' was initialised with 'default' but the config says init_lora_weights 'pissa'");
+  // A head-only adapter has no PEFT format.
+  lora::add_modules_to_save(*twin, {"classifier"}, "head");
+  LORA_EXPECT_THROWS_WITH(lora::io::save_adapter(*twin, path("head"), "head"), "has no low-rank part");
   // An adapter added to layers directly has no model-level config: saving asks for one.
   lora::LoRALinear<> layer(torch::nn::LinearOptions(4, 4), LoRAOptions(2));
   LORA_EXPECT_THROWS_WITH(lora::io::save_adapter(*layer, path("out3")),
@@ -623,6 +638,19 @@ TEST_F(PeftTest, AdapterFoldersAreReplacedAsAUnit) {
   lora::inject(*model, LoraConfig(LoRAOptions(2)).target_modules({"key"}), "sub/x");
   LORA_EXPECT_THROWS_WITH(lora::io::save_adapter(*model, path("pair"), "sub/x"), "adapter name 'sub/x' cannot name a folder");
   LORA_EXPECT_THROWS_WITH(lora::io::load_adapter(*twin, path("pair"), "/etc"), "adapter name '/etc' cannot name a folder");
+  // The working directory (or a folder above it) is never replaced.
+  {
+    const auto cwd = fs::current_path();
+    fs::current_path(path("pair"));
+    LORA_EXPECT_THROWS_WITH(lora::io::save_adapter(*model, "."), "it is the working directory or holds it");
+    fs::current_path(cwd);
+  }
+  EXPECT_TRUE(fs::exists(path("pair/README.md")));
+  // A symlinked adapter folder is followed: the link stays, the folder it names is replaced.
+  fs::create_directory_symlink(path("pair"), path("link"));
+  lora::io::save_adapter(*model, path("link"));
+  EXPECT_TRUE(fs::is_symlink(path("link")));
+  EXPECT_EQ(read_all(path("link/adapter_model.safetensors")), read_all(path("pair/adapter_model.safetensors")));
   // Saving below a plain file is a library error naming the folder, not a std::filesystem one.
   std::ofstream(path("plain")) << "x";
   LORA_EXPECT_THROWS_WITH(lora::io::save_adapter(*model, path("plain/adapter")), "cannot create folder");

@@ -140,6 +140,13 @@ inline std::pair<torch::Tensor, torch::Tensor> comparison_batch(int64_t size = 3
 
 namespace detail {
 
+/// A scripted module with the `training` flag traced modules have (so train()/eval() work).
+inline torch::jit::Module module_of_type(const std::string& type) {
+  torch::jit::Module module(type);
+  module.register_attribute("training", c10::BoolType::get(), true);
+  return module;
+}
+
 inline torch::jit::Module scripted(const std::string& type, const std::string& source) {
   torch::jit::Module module(type);
   module.define(source);
@@ -156,7 +163,7 @@ inline void add_parameters(torch::jit::Module& module, const torch::OrderedDict<
 }
 
 inline torch::jit::Module linear(const torch::OrderedDict<std::string, torch::Tensor>& state, const std::string& path) {
-  torch::jit::Module module("Linear");
+  auto module = module_of_type("Linear");
   add_parameters(module, state, path, {"weight", "bias"});
   module.define("def forward(self, x):\n    return torch.linear(x, self.weight, self.bias)\n");
   return module;
@@ -164,7 +171,7 @@ inline torch::jit::Module linear(const torch::OrderedDict<std::string, torch::Te
 
 inline torch::jit::Module layer_norm(const torch::OrderedDict<std::string, torch::Tensor>& state,
                                      const std::string& path) {
-  torch::jit::Module module("LayerNorm");
+  auto module = module_of_type("LayerNorm");
   add_parameters(module, state, path, {"weight", "bias"});
   std::ostringstream source;
   source << "def forward(self, x):\n    return torch.layer_norm(x, [" << kHidden
@@ -175,7 +182,7 @@ inline torch::jit::Module layer_norm(const torch::OrderedDict<std::string, torch
 
 inline torch::jit::Module dense_norm(const torch::OrderedDict<std::string, torch::Tensor>& state,
                                      const std::string& path) {
-  torch::jit::Module module("DenseNorm");
+  auto module = module_of_type("DenseNorm");
   module.register_module("dense", linear(state, path + ".dense"));
   module.register_module("LayerNorm", layer_norm(state, path + ".LayerNorm"));
   module.define(
@@ -191,14 +198,15 @@ inline torch::jit::Module scripted_twin(TinyBert& native, int64_t layers = 2) {
   const auto state = lora::base_state_dict(*native);
   using detail::dense_norm;
   using detail::linear;
+  using detail::module_of_type;
   using detail::scripted;
-  torch::jit::Module encoder("Encoder");
-  torch::jit::Module layer_list("LayerList");
+  auto encoder = module_of_type("Encoder");
+  auto layer_list = module_of_type("LayerList");
   std::ostringstream encoder_source;
   encoder_source << "def forward(self, h):\n";
   for (int64_t i = 0; i < layers; ++i) {
     const auto path = "encoder.layer." + std::to_string(i);
-    torch::jit::Module self("SelfAttention");
+    auto self = module_of_type("SelfAttention");
     for (const auto* name : {"query", "key", "value"}) {
       self.register_module(name, linear(state, path + ".attention.self." + name));
     }
@@ -213,14 +221,14 @@ inline torch::jit::Module scripted_twin(TinyBert& native, int64_t layers = 2) {
                 << ", -1)\n"
                 << "    return torch.matmul(p, v).transpose(1, 2).reshape(b, s, " << kHidden << ")\n";
     self.define(self_source.str());
-    torch::jit::Module attention("Attention");
+    auto attention = module_of_type("Attention");
     attention.register_module("self", self);
     attention.register_module("output", dense_norm(state, path + ".attention.output"));
     attention.define("def forward(self, h):\n    return self.output.forward(self.self.forward(h), h)\n");
-    torch::jit::Module intermediate("Intermediate");
+    auto intermediate = module_of_type("Intermediate");
     intermediate.register_module("dense", linear(state, path + ".intermediate.dense"));
     intermediate.define("def forward(self, h):\n    return torch.gelu(self.dense.forward(h))\n");
-    torch::jit::Module block("Layer");
+    auto block = module_of_type("Layer");
     block.register_module("attention", attention);
     block.register_module("intermediate", intermediate);
     block.register_module("output", dense_norm(state, path + ".output"));
@@ -233,10 +241,10 @@ inline torch::jit::Module scripted_twin(TinyBert& native, int64_t layers = 2) {
   encoder_source << "    return h\n";
   encoder.register_module("layer", layer_list);
   encoder.define(encoder_source.str());
-  torch::jit::Module pooler("Pooler");
+  auto pooler = module_of_type("Pooler");
   pooler.register_module("dense", linear(state, "pooler.dense"));
   pooler.define("def forward(self, h):\n    return torch.tanh(self.dense.forward(h.select(1, 0)))\n");
-  torch::jit::Module model("TinyBert");
+  auto model = module_of_type("TinyBert");
   model.register_module("encoder", encoder);
   model.register_module("pooler", pooler);
   model.register_module("classifier", linear(state, "classifier"));

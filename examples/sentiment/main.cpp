@@ -115,7 +115,7 @@ std::string folder_name(const std::string& path) {
 void attach_adapter(lora::models::BertForSequenceClassificationImpl& model, const std::string& adapter,
                     const std::string& model_folder, bool force = false) {
   TORCH_CHECK(fs::is_directory(adapter), "adapter folder '", adapter, "' does not exist");
-  const auto config = lora::io::read_adapter_config(adapter);
+  const auto config = lora::io::read_adapter_config(adapter, "default", /*warn=*/nullptr);  // load_adapter warns
   const auto base = config.base_model_name_or_path();
   TORCH_CHECK(force || base.empty() || folder_name(base) == folder_name(model_folder), "the adapter in '", adapter,
               "' was trained on base model '", base, "', not on '", model_folder,
@@ -282,9 +282,11 @@ int run_train(const TrainFlags& flags) {
   if (flags.mode == "lora") {
     lora::inject(*model, config);
   } else if (flags.mode == "head") {
-    // The classifier trains in place; the result is saved as a whole model, like --mode full.
+    // BERT's head (pooler and classifier, as in the demo) trains in place; the result is saved
+    // as a whole model, like --mode full.
     for (auto& parameter : model->parameters()) parameter.requires_grad_(false);
     for (auto& parameter : model->classifier->parameters()) parameter.requires_grad_(true);
+    for (auto& parameter : model->bert->pooler->parameters()) parameter.requires_grad_(true);
   } else {
     for (auto& parameter : model->parameters()) parameter.requires_grad_(true);
   }
@@ -328,6 +330,7 @@ int run_train(const TrainFlags& flags) {
             << result.best.f1 << ") at step " << result.best_step << "; " << std::setprecision(1) << result.seconds
             << " s\nwrote " << flags.out << "/" << (flags.mode != "lora" ? "best" : "adapter")
             << ", metrics.jsonl, learning_curve.svg\n";
+  if (flags.merge && flags.mode != "lora") std::cout << "--merge ignored: --mode " << flags.mode << " saved a whole model\n";
   if (flags.merge && flags.mode == "lora") {
     auto [best, unused] = load_model(flags.model);
     attach_adapter(*best, (fs::path(flags.out) / "adapter").string(), config.base_model_name_or_path());

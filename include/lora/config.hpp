@@ -88,9 +88,9 @@ struct LoraConfig {
   TORCH_ARG(std::vector<std::string>, modules_to_save);
   /// Which biases train (and are saved) besides the adapters. Default: none.
   TORCH_ARG(BiasMode, bias) = BiasMode::kNone;
-  /// PEFT's task type. "SEQ_CLS" also trains and saves a module named `classifier` or
-  /// `score` when the model has one, as PEFT's sequence-classification model does. Default:
-  /// empty (none).
+  /// PEFT's task type. "SEQ_CLS" (and "TOKEN_CLS") also trains and saves a module named
+  /// `classifier` or `score` when the model has one, "QUESTION_ANS" one named `qa_outputs`, as
+  /// PEFT's task models do. Default: empty (none).
   TORCH_ARG(std::string, task_type);
   /// Where the base model comes from, written into adapter_config.json. Default: empty.
   TORCH_ARG(std::string, base_model_name_or_path);
@@ -101,11 +101,18 @@ struct LoraConfig {
   /// True when `target_modules` is PEFT's {"all-linear"}.
   bool all_linear() const { return target_modules_.size() == 1 && target_modules_.front() == "all-linear"; }
 
-  /// The module names the task type adds to `modules_to_save` (optional: they need not exist).
+  /// The heads PEFT's task models save in full: "classifier" and "score" for SEQ_CLS and
+  /// TOKEN_CLS, "qa_outputs" for QUESTION_ANS. They need not exist in the model.
+  std::vector<std::string> task_modules() const {
+    if (task_type_ == "SEQ_CLS" || task_type_ == "TOKEN_CLS") return {"classifier", "score"};
+    if (task_type_ == "QUESTION_ANS") return {"qa_outputs"};
+    return {};
+  }
+
+  /// The task's heads that `modules_to_save` does not list.
   std::vector<std::string> implied_modules_to_save() const {
-    if (task_type_ != "SEQ_CLS") return {};
     std::vector<std::string> implied;
-    for (const std::string name : {"classifier", "score"}) {
+    for (const auto& name : task_modules()) {
       if (std::find(modules_to_save_.begin(), modules_to_save_.end(), name) == modules_to_save_.end()) {
         implied.push_back(name);
       }

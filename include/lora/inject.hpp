@@ -47,11 +47,6 @@ inline std::pair<torch::nn::Module*, std::string> parent_of(torch::nn::Module& m
   return {parent->get(), path.substr(dot + 1)};
 }
 
-/// PEFT's rule for modules_to_save: the name ends with the entry, no dot boundary.
-inline bool ends_with(const std::string& name, const std::string& key) {
-  return name.size() >= key.size() && name.compare(name.size() - key.size(), key.size(), key) == 0;
-}
-
 /// The modules of `model` a config can select, in model order, with their objects: adapter
 /// layers are leaves (their insides are their own business).
 inline std::vector<std::pair<ModuleEntry, std::shared_ptr<torch::nn::Module>>> selectable_modules(
@@ -60,7 +55,7 @@ inline std::vector<std::pair<ModuleEntry, std::shared_ptr<torch::nn::Module>>> s
   std::vector<std::string> holders;
   for (const auto& item : model.named_modules("", /*include_self=*/false)) {
     const auto& name = item.key();
-    if (std::any_of(holders.begin(), holders.end(), [&](const std::string& outer) { return inside(name, outer); })) {
+    if (std::any_of(holders.begin(), holders.end(), [&](const std::string& outer) { return is_inside(name, outer); })) {
       continue;
     }
     const auto& module = item.value();
@@ -93,6 +88,22 @@ inline bool rewrites_base_weight(const LoRAOptions& options) {
   return kind == InitKind::kPiSSA || kind == InitKind::kOLoRA;
 }
 
+/// Records the state of the CPU generator and of those of `devices` (initialisations draw from
+/// them), so that a failed attempt does not shift a seeded run.
+inline void keep_generators(const std::vector<c10::Device>& devices, UndoLog& undo) {
+  std::vector<at::Generator> generators{at::detail::getDefaultCPUGenerator()};
+  for (const auto& device : devices) {
+    if (device.is_cpu()) continue;
+    const auto& generator = at::globalContext().defaultGenerator(device);
+    if (std::none_of(generators.begin(), generators.end(), [&](const at::Generator& g) { return g == generator; })) {
+      generators.push_back(generator);
+    }
+  }
+  for (auto& generator : generators) {
+    undo.add([generator, state = generator.get_state()]() mutable { generator.set_state(state); });
+  }
+}
+
 /// Adds the plan's adapter to one layer, recording how to take it off again (and, for an
 /// initialisation that rewrites the base weight, how to put the weight back).
 inline void add_adapter_undoably(const std::shared_ptr<LoRALayer>& layer, const AdapterPlan& plan,
@@ -111,6 +122,16 @@ inline void add_adapter_undoably(const std::shared_ptr<LoRALayer>& layer, const 
   undo.add([layer, name = plan.adapter_name] { layer->delete_adapter(name); });
 }
 
+/// The saved modules and adapted layers `model` holds.
+inline ExistingAdapters existing_adapters(const torch::nn::Module& model) {
+  ExistingAdapters existing;
+  for (const auto& [path, layer] : adapter_layers(model)) {
+    if (layer->adapter_names().empty()) continue;
+    (std::dynamic_pointer_cast<LoRALayer>(layer) ? existing.adapted : existing.saved).emplace_back(path, layer->adapter_names());
+  }
+  return existing;
+}
+
 }  // namespace detail
 
 /// Plans adapter `adapter_name` on `model` as `config` selects it, with every check
@@ -127,9 +148,11 @@ inline AdapterPlan plan_injection(const torch::nn::Module& model, const LoraConf
     by_name[entry.name] = module;
   }
   AdapterPlan plan{adapter_name, std::make_shared<const LoraConfig>(config), {}};
+  const auto existing = detail::existing_adapters(model);
   for (auto& selection : select_modules(matcher, entries, "lora::inject", "linear modules in the model")) {
     const auto& module = by_name.at(selection.name);
     auto wrapper = std::dynamic_pointer_cast<ModulesToSaveImpl>(module);
+    detail::check_against_existing(selection, existing, "lora::inject");
     if (selection.saved) {
       try {
         wrapper ? wrapper->check_add_adapter(adapter_name)
@@ -140,9 +163,6 @@ inline AdapterPlan plan_injection(const torch::nn::Module& model, const LoraConf
       plan.modules.push_back(std::move(selection));
       continue;
     }
-    TORCH_CHECK(!wrapper, "lora::inject: module '", selection.name, "' matches the targets but is saved in full for "
-                "adapter(s) ", wrapper ? detail::join(wrapper->adapter_names()) : "",
-                " (modules_to_save); a module is adapted or saved, not both");
     auto layer = std::dynamic_pointer_cast<LoRALayer>(module);
     if (!layer) {
       TORCH_CHECK(!std::dynamic_pointer_cast<torch::nn::LinearImpl>(module), "lora::inject: module '", selection.name,
@@ -174,15 +194,20 @@ namespace detail {
 /// `apply_plan`, recording the inverse of every change in `undo` (the caller commits).
 inline InjectionReport apply_plan(torch::nn::Module& model, const AdapterPlan& plan, bool freeze_the_rest,
                                   UndoLog& undo) {
-  // Initialisations draw from the generator: a failed attempt must not shift a seeded run.
-  auto generator = at::detail::getDefaultCPUGenerator();
-  undo.add([generator, state = generator.get_state()]() mutable { generator.set_state(state); });
+  const auto modules = model.named_modules("", /*include_self=*/false);
+  std::vector<c10::Device> devices;
+  for (const auto& selection : plan.modules) {
+    const auto* found = modules.find(selection.name);
+    if (auto layer = found ? std::dynamic_pointer_cast<LoRALayer>(*found) : nullptr) {
+      devices.push_back(layer->base_weight().device());
+    }
+  }
+  keep_generators(devices, undo);
   std::vector<std::pair<at::Tensor, bool>> flags;
   for (const auto& parameter : model.parameters()) flags.emplace_back(parameter, parameter.requires_grad());
   undo.add([flags] {
     for (const auto& [parameter, requires_grad] : flags) parameter.requires_grad_(requires_grad);
   });
-  const auto modules = model.named_modules("", /*include_self=*/false);
   const auto& name = plan.adapter_name;
   for (const auto& selection : plan.modules) {
     const auto* found = modules.find(selection.name);
@@ -246,8 +271,8 @@ inline InjectionReport inject(torch::nn::Module& model, const LoraConfig& config
 inline InjectionReport add_modules_to_save(torch::nn::Module& model, const std::vector<std::string>& names,
                                            const std::string& adapter_name = "default") {
   TORCH_CHECK(!names.empty(), "lora::add_modules_to_save: no module names given");
-  const auto existing = detail::all_adapter_names(model);
-  TORCH_CHECK(std::find(existing.begin(), existing.end(), adapter_name) == existing.end(),
+  const auto names_in_use = detail::all_adapter_names(model);
+  TORCH_CHECK(std::find(names_in_use.begin(), names_in_use.end(), adapter_name) == names_in_use.end(),
               "lora::add_modules_to_save: the model already has adapter '", adapter_name,
               "'; save modules with it through its LoraConfig (modules_to_save), or use another name");
   detail::check_bias_adapters(model, LoraConfig(), "lora::add_modules_to_save");
@@ -262,21 +287,24 @@ inline InjectionReport add_modules_to_save(torch::nn::Module& model, const std::
                 detail::some(detail::name_endings(entries), 40));
   }
   AdapterPlan plan{adapter_name, std::make_shared<const LoraConfig>(LoraConfig().modules_to_save(names)), {}};
+  const auto existing = detail::existing_adapters(model);
   std::vector<std::string> roots;
   for (const auto& [entry, module] : modules) {
     const bool named = std::any_of(names.begin(), names.end(),
                                    [&](const std::string& key) { return detail::ends_with(entry.name, key); });
     const bool nested = std::any_of(roots.begin(), roots.end(),
-                                    [&](const std::string& root) { return detail::inside(entry.name, root); });
+                                    [&](const std::string& root) { return detail::is_inside(entry.name, root); });
     if (!named || nested) continue;
     auto wrapper = std::dynamic_pointer_cast<ModulesToSaveImpl>(module);
+    Selection selection{entry.name, true, LoRAOptions()};
+    detail::check_against_existing(selection, existing, "lora::add_modules_to_save");
     try {
       wrapper ? wrapper->check_add_adapter(adapter_name) : ModulesToSaveImpl::check_wrappable(module, entry.name);
     } catch (const c10::Error& error) {
       TORCH_CHECK(false, "lora::add_modules_to_save: module '", entry.name, "': ", error.what_without_backtrace());
     }
     roots.push_back(entry.name);
-    plan.modules.push_back({entry.name, true, LoRAOptions()});
+    plan.modules.push_back(std::move(selection));
   }
   return apply_plan(model, plan, /*freeze_the_rest=*/false);
 }
@@ -344,10 +372,14 @@ inline void delete_adapter(torch::nn::Module& model, const std::string& name) {
 }
 
 /// Merges the active adapters of every layer into its base weight, all or nothing: refused
-/// while adapters are disabled, and with `safe_merge` a layer whose merge would write NaN/Inf
-/// stops the merge and the layers this call merged are unmerged again. Saved modules need no
-/// merge (they already compute with their copy).
+/// while adapters are disabled (anywhere), and with `safe_merge` a layer whose merge would
+/// write NaN/Inf stops the merge and the weights of the layers this call merged are restored
+/// bit for bit. Saved modules need no merge (they already compute with their copy).
 inline void merge(torch::nn::Module& model, bool safe_merge = false) {
+  for (const auto& [path, layer] : adapter_layers(model)) {
+    TORCH_CHECK(layer->adapter_names().empty() || layer->adapters_enabled(), "lora::merge: module '", path,
+                "': cannot merge while adapters are disabled; call enable_adapters(model, true) first");
+  }
   const auto layers = lora_layers(model);
   for (const auto& [path, layer] : layers) {
     try {
@@ -358,21 +390,15 @@ inline void merge(torch::nn::Module& model, bool safe_merge = false) {
   }
   detail::UndoLog undo;
   for (const auto& [path, layer] : layers) {
-    const auto before = layer->merged_adapters();
-    // The weight as it was, to restore it bit for bit (unmerging is exact only up to rounding).
-    const auto kept = layer->base_weight().detach().clone();
+    const auto count = layer->merged_adapters().size();
+    const auto kept = layer->base_weight().detach().clone();  // to restore it bit for bit
     try {
-      layer->merge({}, safe_merge);
+      layer->merge({}, safe_merge);  // itself all or nothing
     } catch (const c10::Error& error) {
       TORCH_CHECK(false, "lora::merge: module '", path, "': ", error.what_without_backtrace());
     }
-    if (layer->merged_adapters() != before) {
-      undo.add([layer = layer, before, kept] {
-        layer->unmerge();
-        if (!before.empty()) layer->merge(before);  // the merge records as they were
-        torch::NoGradGuard no_grad;
-        layer->base_weight().copy_(kept);  // and the weight bit for bit
-      });
+    if (layer->merged_adapters().size() != count) {
+      undo.add([layer = layer, count, kept] { layer->rollback_merges(count, kept); });
     }
   }
   undo.commit();

@@ -160,17 +160,13 @@ class JitAdapters {
                   "' is re-parametrised by another JitAdapters; use that one to add adapters");
     }
     AdapterPlan plan{adapter_name, std::make_shared<const LoraConfig>(config), {}};
+    const auto existing = detail::existing_adapters(*root_);
     for (auto& selection : select_modules(matcher, entries, "lora::JitAdapters", "Linear modules in the scripted module")) {
       const auto& name = selection.name;
       const auto& submodule = by_name.at(name);
       const auto wrapper = saved.find(name);
+      detail::check_against_existing(selection, existing, "lora::JitAdapters");
       if (selection.saved) {
-        for (const auto& target : targets_) {
-          TORCH_CHECK(target.name != name && !detail::inside(target.name, name), "lora::JitAdapters: module '", name,
-                      "' is to be saved in full but ", target.name == name ? "it" : "'" + target.name + "' inside it",
-                      " carries LoRA adapters (", detail::join(target.layer->adapter_names()),
-                      "); a module is adapted or saved, not both");
-        }
         try {
           if (wrapper != saved.end()) {
             wrapper->second->check_add_adapter(adapter_name);
@@ -182,11 +178,6 @@ class JitAdapters {
         }
         plan.modules.push_back(std::move(selection));
         continue;
-      }
-      for (const auto& [path, held] : saved) {
-        TORCH_CHECK(name != path && !detail::inside(name, path), "lora::JitAdapters: module '", name,
-                    "' matches the targets but is saved in full by adapter(s) ", detail::join(held->adapter_names()),
-                    " (modules_to_save); a module is adapted or saved, not both");
       }
       TORCH_CHECK(is_linear(submodule), "lora::JitAdapters: module '", name, "' (",
                   submodule.type()->name()->qualifiedName(),
@@ -227,8 +218,8 @@ class JitAdapters {
     // Undone last: the scripted weights as the restored adapters give them, and the generator
     // as it was (initialisations draw from it).
     undo.add([this] { refresh(); });
-    auto generator = at::detail::getDefaultCPUGenerator();
-    undo.add([generator, state = generator.get_state()]() mutable { generator.set_state(state); });
+    detail::keep_generators({module_.parameters().size() ? (*module_.parameters().begin()).device() : c10::Device(c10::kCPU)},
+                            undo);
     std::vector<std::pair<at::Tensor, bool>> flags;
     for (const auto& parameter : module_.parameters()) {
       if (parameter.is_leaf()) flags.emplace_back(parameter, parameter.requires_grad());  // ours are refreshed

@@ -17,6 +17,7 @@
 #include <torch/nn/module.h>
 
 #include <lora/config.hpp>
+#include <lora/detail/strings.hpp>
 #include <lora/options.hpp>
 
 namespace lora {
@@ -97,8 +98,11 @@ class LoRALayer : public AdapterLayer {
   /// Throws what `merge(adapter_names)` would throw before computing anything (unknown names,
   /// adapters disabled), changing nothing.
   virtual void check_merge(const std::vector<std::string>& adapter_names = {}) const = 0;
-  /// Undoes every merge, most recent first.
+  /// Undoes every merge, most recent first (exact up to rounding).
   virtual void unmerge() = 0;
+  /// Undoes, exactly, the merges made since `merged_adapters()` held `count` names: `weight` is
+  /// a copy of the base weight taken then. What all-or-nothing operations roll back with.
+  virtual void rollback_merges(size_t count, const at::Tensor& weight) = 0;
   /// True when at least one adapter is merged into the base weight.
   virtual bool merged() const = 0;
   virtual const std::vector<std::string>& merged_adapters() const = 0;
@@ -138,8 +142,7 @@ std::vector<std::pair<std::string, std::shared_ptr<Layer>>> find_layers(const to
   std::vector<std::string> holders;
   auto inside_holder = [&](const std::string& name) {
     for (const auto& holder : holders) {
-      if (holder.empty() || (name.size() > holder.size() && name.compare(0, holder.size(), holder) == 0 &&
-                             name[holder.size()] == '.')) {
+      if (holder.empty() || detail::is_inside(name, holder)) {
         return true;
       }
     }

@@ -118,6 +118,7 @@ class LoRALinearImpl : public torch::nn::Cloneable<LoRALinearImpl<Base>>, public
   void merge(const std::vector<std::string>& adapter_names = {}, bool safe_merge = false) override;
   void check_merge(const std::vector<std::string>& adapter_names = {}) const override;
   void unmerge() override;
+  void rollback_merges(size_t count, const at::Tensor& weight) override;
   bool merged() const override { return !merged_.empty(); }
   const std::vector<std::string>& merged_adapters() const override { return merged_; }
   void merge_and_unload(bool safe_merge = false) override;
@@ -173,8 +174,8 @@ class LoRALinearImpl : public torch::nn::Cloneable<LoRALinearImpl<Base>>, public
   std::vector<Adapter> adapters_;
   std::vector<std::string> active_;
   std::vector<std::string> merged_;
-  /// ‖W + ΔW‖ at merge time, needed to undo a DoRA merge exactly. Not a registered buffer (it
-  /// comes and goes with merges): moved to the weight's device and dtype when used.
+  /// ‖W + ΔW‖ at merge time, needed to undo a DoRA merge. Not a registered buffer (it comes and
+  /// goes with merges): moved to the weight's device when used, its dtype kept.
   std::map<std::string, at::Tensor> dora_merge_norms_;
   bool enabled_ = true;
 };

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include <lora/config.hpp>
+#include <lora/detail/strings.hpp>
 #include <lora/target.hpp>
 
 namespace lora {
@@ -85,5 +86,41 @@ struct AdapterPlan {
     return report;
   }
 };
+
+namespace detail {
+
+/// What a model already holds, by module path: the saved modules and the layers with LoRA
+/// adapters, each with its adapter names.
+struct ExistingAdapters {
+  std::vector<std::pair<std::string, std::vector<std::string>>> saved;
+  std::vector<std::pair<std::string, std::vector<std::string>>> adapted;
+};
+
+/// Checks a selection against what the model already holds, the same way for native and
+/// TorchScript models: a module is adapted or saved, not both (nor inside one another), and
+/// saved modules do not nest (a saved selection equal to a saved module adds a copy to it).
+inline void check_against_existing(const Selection& selection, const ExistingAdapters& existing, const char* who) {
+  const auto& name = selection.name;
+  if (selection.saved) {
+    for (const auto& [path, adapters] : existing.saved) {
+      TORCH_CHECK(path == name || (!is_inside(name, path) && !is_inside(path, name)), who, ": module '", name,
+                  "' cannot be saved: '", path, "' is saved already, for adapters (", join(adapters),
+                  "); saved modules cannot nest");
+    }
+    for (const auto& [path, adapters] : existing.adapted) {
+      TORCH_CHECK(path != name && !is_inside(path, name), who, ": module '", name, "' is to be saved in full but ",
+                  path == name ? "it" : "'" + path + "' inside it", " carries LoRA adapters (", join(adapters),
+                  "); a module is adapted or saved, not both");
+    }
+    return;
+  }
+  for (const auto& [path, adapters] : existing.saved) {
+    TORCH_CHECK(path != name && !is_inside(name, path), who, ": module '", name,
+                "' matches the targets but is saved in full for adapter(s) ", join(adapters), " (modules_to_save",
+                path == name ? "" : " of '" + path + "'", "); a module is adapted or saved, not both");
+  }
+}
+
+}  // namespace detail
 
 }  // namespace lora

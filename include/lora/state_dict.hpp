@@ -24,10 +24,6 @@ namespace lora {
 
 namespace detail {
 
-inline bool has_prefix(const std::string& text, const std::string& prefix) {
-  return text.compare(0, prefix.size(), prefix) == 0;
-}
-
 inline std::string join_path(const std::string& path, const std::string& key) {
   return path.empty() ? key : path + "." + key;
 }
@@ -39,7 +35,7 @@ inline std::pair<const std::pair<std::string, std::shared_ptr<AdapterLayer>>*, s
   for (const auto& item : layers) {
     const auto& path = item.first;
     if (path.empty()) return {&item, key};
-    if (key.size() > path.size() && has_prefix(key, path) && key[path.size()] == '.') {
+    if (is_inside(key, path)) {
       return {&item, key.substr(path.size() + 1)};
     }
   }
@@ -111,7 +107,7 @@ inline std::vector<std::pair<std::string, at::Tensor>> trained_biases(const torc
       continue;
     }
     auto lora = std::dynamic_pointer_cast<LoRALayer>(owner->second);
-    if (lora == nullptr || !has_prefix(relative, "base_layer.")) continue;  // saved modules; adapter tensors
+    if (lora == nullptr || !starts_with(relative, "base_layer.")) continue;  // saved modules; adapter tensors
     const auto base_name = relative.substr(std::string("base_layer.").size());
     if (base_name.find("bias") == std::string::npos) continue;
     // PEFT wraps a layer (and names its base `base_layer`) only when some adapter targets it.
@@ -128,7 +124,7 @@ inline bool is_saved_module_bias_echo(const std::vector<std::pair<std::string, s
   for (const auto& [path, layer] : saved) {
     for (const std::string middle : {".original_module.", ".modules_to_save."}) {
       const auto head = path + middle;
-      if (has_prefix(key, head) && key.find("bias", head.size()) != std::string::npos) return true;
+      if (starts_with(key, head) && key.find("bias", head.size()) != std::string::npos) return true;
     }
   }
   return false;
@@ -194,13 +190,14 @@ inline std::vector<std::string> load_adapter_state_dict(torch::nn::Module& model
     // A saved module only the task type implies ("classifier" for SEQ_CLS) may be absent.
     bool required = true;
     if (!is_lora && config != nullptr) {
+      const auto task = config->task_modules();
       const auto& listed = config->modules_to_save();
-      const bool implied_only = config->task_type() == "SEQ_CLS" &&
-                                std::none_of(listed.begin(), listed.end(), [&](const std::string& key) {
-                                  return key != "classifier" && key != "score" && path.size() >= key.size() &&
-                                         path.compare(path.size() - key.size(), key.size(), key) == 0;
-                                });
-      required = !implied_only;
+      auto is_task_head = [&](const std::string& key) { return std::find(task.begin(), task.end(), key) != task.end(); };
+      const bool by_task = std::any_of(task.begin(), task.end(), [&](const std::string& key) { return detail::ends_with(path, key); });
+      const bool by_list = std::any_of(listed.begin(), listed.end(), [&](const std::string& key) {
+        return !is_task_head(key) && detail::ends_with(path, key);
+      });
+      required = !by_task || by_list;
     }
     for (const auto& [key, tensor] : layer->adapter_state(name)) take(prefix + detail::join_path(path, key), tensor, required);
   }
@@ -213,7 +210,7 @@ inline std::vector<std::string> load_adapter_state_dict(torch::nn::Module& model
   for (const auto& item : state) {
     if (used.count(item.key())) continue;
     const bool echo = config != nullptr && config->bias() == BiasMode::kAll &&
-                      detail::has_prefix(item.key(), prefix) &&
+                      detail::starts_with(item.key(), prefix) &&
                       detail::is_saved_module_bias_echo(saved, item.key().substr(prefix.size()));
     if (!echo) unknown.push_back(item.key());
   }

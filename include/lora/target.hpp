@@ -23,8 +23,7 @@ namespace lora {
 /// True when `name` is `key` or ends with "." + `key` (PEFT's rule for a list of names).
 inline bool name_matches(const std::string& name, const std::string& key) {
   if (name == key) return true;
-  return name.size() > key.size() && name.compare(name.size() - key.size(), key.size(), key) == 0 &&
-         name[name.size() - key.size() - 1] == '.';
+  return name.size() > key.size() && detail::ends_with(name, key) && name[name.size() - key.size() - 1] == '.';
 }
 
 /// Applies a `LoraConfig`'s target, exclusion, layer and pattern rules to qualified module names.
@@ -79,7 +78,7 @@ class TargetMatcher {
   std::string saved_entry(const std::string& name) const {
     for (const auto* list : {&config_.modules_to_save(), &implied_}) {
       for (const auto& key : *list) {
-        if (ends_with(name, key)) return key;
+        if (detail::ends_with(name, key)) return key;
       }
     }
     return {};
@@ -88,7 +87,8 @@ class TargetMatcher {
   /// Entries that the task type adds or that PEFT ≥ 0.11 writes into `modules_to_save` for it:
   /// they may match nothing ("score" in a BERT).
   bool is_optional_saved_entry(const std::string& key) const {
-    return config_.task_type() == "SEQ_CLS" && (key == "classifier" || key == "score");
+    const auto task = config_.task_modules();
+    return std::find(task.begin(), task.end(), key) != task.end();
   }
 
   /// Does rank_pattern / alpha_pattern key `key` select module `name`?
@@ -137,10 +137,6 @@ class TargetMatcher {
   const LoraConfig& config() const { return config_; }
 
  private:
-  static bool ends_with(const std::string& text, const std::string& suffix) {
-    return text.size() >= suffix.size() && text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
-  }
-
   static std::regex compile(const std::string& pattern, const char* field) {
     try {
       return std::regex(pattern, std::regex::ECMAScript);
@@ -173,10 +169,6 @@ struct ModuleEntry {
 };
 
 namespace detail {
-
-inline bool inside(const std::string& name, const std::string& outer) {
-  return name.size() > outer.size() && name.compare(0, outer.size(), outer) == 0 && name[outer.size()] == '.';
-}
 
 /// "a, b, … and 12 more": a readable list of candidates for an error message.
 inline std::string some(const std::vector<std::string>& names, size_t limit = 24) {
@@ -217,7 +209,7 @@ inline std::vector<Selection> select_modules(const TargetMatcher& matcher, const
   std::vector<std::string> saved_roots;
   auto in_saved = [&](const std::string& name) {
     return std::any_of(saved_roots.begin(), saved_roots.end(), [&](const std::string& root) {
-      return name == root || detail::inside(name, root);
+      return name == root || detail::is_inside(name, root);
     });
   };
   for (const auto& module : modules) {
@@ -262,10 +254,8 @@ inline std::vector<Selection> select_modules(const TargetMatcher& matcher, const
 
   for (const auto& key : config.modules_to_save()) {
     if (matcher.is_optional_saved_entry(key)) continue;
-    const bool found = std::any_of(modules.begin(), modules.end(), [&](const ModuleEntry& module) {
-      return module.name.size() >= key.size() &&
-             module.name.compare(module.name.size() - key.size(), key.size(), key) == 0;
-    });
+    const bool found = std::any_of(modules.begin(), modules.end(),
+                                   [&](const ModuleEntry& module) { return detail::ends_with(module.name, key); });
     TORCH_CHECK(found, who, ": modules_to_save entry '", key, "' matches no module (a module matches when its name "
                 "ends with the entry); module names end with: ", detail::some(detail::name_endings(modules), 40));
   }

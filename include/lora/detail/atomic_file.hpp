@@ -124,15 +124,30 @@ inline void replace_folder_atomically(const std::string& folder,
   std::error_code error;
   const fs::path destination = fs::absolute(fs::path(folder), error).lexically_normal();
   TORCH_CHECK(!error && !folder.empty(), who, ": invalid folder '", folder, "'");
-  const fs::path target = destination.has_filename() ? destination : destination.parent_path();
+  fs::path target = destination.has_filename() ? destination : destination.parent_path();
   fs::create_directories(target.parent_path(), error);
   TORCH_CHECK(!error, who, ": cannot create folder '", target.parent_path().string(), "': ", error.message());
-  const auto status = fs::symlink_status(target, error);
+  auto status = fs::symlink_status(target, error);
   TORCH_CHECK(!error || error == std::errc::no_such_file_or_directory, who, ": cannot read '", target.string(),
               "': ", error.message());
   error.clear();
+  if (fs::is_symlink(status) && fs::is_directory(fs::status(target, error))) {
+    target = fs::canonical(target, error);  // replace the folder the link points to; the link stays
+    TORCH_CHECK(!error, who, ": cannot resolve '", destination.string(), "': ", error.message());
+    status = fs::symlink_status(target, error);
+  }
+  error.clear();
   const bool exists = fs::exists(status);
   TORCH_CHECK(!exists || fs::is_directory(status), who, ": '", target.string(), "' exists and is not a folder");
+  if (exists) {
+    // Replacing the working directory (or a folder above it) would pull the ground from under
+    // the process: refuse.
+    const auto cwd = fs::weakly_canonical(fs::current_path(error), error);
+    const auto relative = error ? fs::path("..") : cwd.lexically_relative(fs::weakly_canonical(target, error));
+    TORCH_CHECK(error || relative.empty() || *relative.begin() == "..", who, ": will not replace '", target.string(),
+                "': it is the working directory or holds it; save into a sub-folder");
+    error.clear();
+  }
   remove_stale_temporaries(target);
   const auto temporary = temporary_sibling(target, "tmp");
   fs::create_directory(temporary, error);

@@ -422,13 +422,27 @@ template <typename Base>
 void LoRALinearImpl<Base>::merge(const std::vector<std::string>& adapter_names, bool safe_merge) {
   check_merge(adapter_names);
   const auto names = adapter_names.empty() ? active_ : adapter_names;
+  if (std::all_of(names.begin(), names.end(), [&](const std::string& name) { return is_merged(name); })) return;
   const auto merged_before = merged_.size();
+  const auto kept = base_weight().detach().clone();  // all or nothing, bit for bit
   try {
     merge_each(names, safe_merge);
   } catch (...) {
-    while (merged_.size() > merged_before) unmerge_last();  // all or nothing
+    rollback_merges(merged_before, kept);
     throw;
   }
+}
+
+template <typename Base>
+void LoRALinearImpl<Base>::rollback_merges(size_t count, const at::Tensor& weight) {
+  TORCH_CHECK(count <= merged_.size(), "LoRALinear: cannot roll back to ", count, " merges (", merged_.size(),
+              " merged)");
+  TORCH_CHECK(weight.sizes() == base_weight().sizes(), "LoRALinear: rollback weight has shape ", weight.sizes(),
+              " but the base weight ", base_weight().sizes());
+  for (size_t i = count; i < merged_.size(); ++i) dora_merge_norms_.erase(merged_[i]);
+  merged_.resize(count);
+  torch::NoGradGuard no_grad;
+  Traits::weight(*base_layer_).copy_(weight);
 }
 
 template <typename Base>

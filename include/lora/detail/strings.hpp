@@ -7,6 +7,19 @@
 
 namespace lora::detail {
 
+inline bool starts_with(const std::string& text, const std::string& prefix) {
+  return text.size() >= prefix.size() && text.compare(0, prefix.size(), prefix) == 0;
+}
+
+inline bool ends_with(const std::string& text, const std::string& suffix) {
+  return text.size() >= suffix.size() && text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+/// True when the dotted module name `name` lies strictly inside `outer` ("a.b.c" inside "a.b").
+inline bool is_inside(const std::string& name, const std::string& outer) {
+  return name.size() > outer.size() && starts_with(name, outer) && name[outer.size()] == '.';
+}
+
 /// "a, b, c" (or "none" for an empty list).
 inline std::string join(const std::vector<std::string>& items, const std::string& separator = ", ") {
   if (items.empty()) return "none";

@@ -77,6 +77,17 @@ inline void check_config_describes(const LoraConfig& config, const std::string& 
                                    const std::vector<ModuleEntry>& modules,
                                    const std::vector<std::pair<std::string, std::shared_ptr<AdapterLayer>>>& layers,
                                    const char* who) {
+  TORCH_CHECK(!config.target_modules().empty() || !config.target_regex().empty(), who, ": adapter '", name,
+              "' has no low-rank part (saved modules only, as lora::add_modules_to_save makes); PEFT's format cannot "
+              "hold it: call lora::merge_and_unload and save the model instead");
+  // The biases the file holds follow the config the adapter was attached with.
+  for (const auto& [path, layer] : layers) {
+    if (!layer->has_adapter(name) || layer->adapter_config(name) == nullptr) continue;
+    const auto attached = layer->adapter_config(name)->bias();
+    TORCH_CHECK(attached == config.bias(), who, ": adapter '", name, "' was attached with bias '", to_string(attached),
+                "' but the config gives '", to_string(config.bias()), "'; the file's biases would not match it");
+    break;
+  }
   const TargetMatcher matcher(config);
   std::vector<Selection> selected;
   try {
@@ -107,6 +118,11 @@ inline void check_config_describes(const LoraConfig& config, const std::string& 
     differ("lora_alpha", have.alpha(), want.alpha());
     differ("use_rslora", have.use_rslora(), want.use_rslora());
     differ("use_dora", have.use_dora(), want.use_dora());
+    // PiSSA/OLoRA replaced the base weight by a residual: a file that says otherwise would load
+    // onto the original weights.
+    TORCH_CHECK(lora::detail::rewrites_base_weight(have) == lora::detail::rewrites_base_weight(want), who,
+                ": module '", path, "': adapter '", name, "' was initialised with '", have.init(),
+                "' but the config says init_lora_weights '", want.init(), "'");
   }
   for (const auto& selection : selected) {
     TORCH_CHECK(holders.count(selection.name), who, ": the config ", selection.saved ? "saves" : "adapts", " module '",
@@ -216,10 +232,10 @@ inline AdapterFiles read_adapter_files(const std::string& dir, const std::string
   const TargetMatcher matcher(config);
   for (const auto& item : tensors) {
     const auto& key = item.key();
-    TORCH_CHECK(key.compare(0, prefix.size(), prefix) == 0, "lora: adapter tensor '", key, "' in '", file,
+    TORCH_CHECK(lora::detail::starts_with(key, prefix), "lora: adapter tensor '", key, "' in '", file,
                 "' does not start with '", prefix, "'");
     const std::string suffix = ".lora_A.weight";
-    if (key.size() > suffix.size() && key.compare(key.size() - suffix.size(), suffix.size(), suffix) == 0) {
+    if (key.size() > suffix.size() && lora::detail::ends_with(key, suffix)) {
       const auto path = key.substr(prefix.size(), key.size() - prefix.size() - suffix.size());
       const auto expected = matcher.options_for(path).r();
       TORCH_CHECK(item.value().dim() == 2 && item.value().size(0) == expected, "lora: '", key, "' in '", file,
@@ -243,7 +259,7 @@ inline std::vector<std::string> modules_without_tensors(const AdapterPlan& plan,
     if (!selection.saved) continue;
     const auto inside = peft_prefix() + selection.name + ".";
     const bool present = std::any_of(tensors.begin(), tensors.end(), [&](const auto& item) {
-      return item.key().compare(0, inside.size(), inside) == 0;
+      return lora::detail::starts_with(item.key(), inside);
     });
     if (!present) kept.push_back(selection.name);
   }

@@ -55,7 +55,7 @@ inline void init_bert_weights(torch::nn::Module& model, double initializer_range
     const auto& key = item.key();
     auto& tensor = item.value();
     const bool norm = key.find("LayerNorm.") != std::string::npos;
-    const bool bias = key.size() >= 4 && key.compare(key.size() - 4, 4, "bias") == 0;
+    const bool bias = lora::detail::ends_with(key, "bias");
     if (norm) {
       bias ? tensor.zero_() : tensor.fill_(1.0);
     } else if (bias) {
@@ -72,17 +72,13 @@ namespace detail {
 /// transformers' renames for old checkpoints: LayerNorm gamma/beta.
 inline std::string modern_key(std::string key) {
   auto replace_suffix = [&](const std::string& from, const std::string& to) {
-    if (key.size() >= from.size() && key.compare(key.size() - from.size(), from.size(), from) == 0) {
+    if (lora::detail::ends_with(key, from)) {
       key = key.substr(0, key.size() - from.size()) + to;
     }
   };
   replace_suffix("LayerNorm.gamma", "LayerNorm.weight");
   replace_suffix("LayerNorm.beta", "LayerNorm.bias");
   return key;
-}
-
-inline bool starts_with(const std::string& text, const std::string& prefix) {
-  return text.compare(0, prefix.size(), prefix) == 0;
 }
 
 }  // namespace detail
@@ -104,7 +100,7 @@ inline LoadReport load_bert_state(BertForSequenceClassificationImpl& model,
   }
   auto targets = lora::base_state_dict(model);
   const bool has_bert_prefix = std::any_of(checkpoint.begin(), checkpoint.end(), [](const auto& item) {
-    return detail::starts_with(item.key(), "bert.");
+    return lora::detail::starts_with(item.key(), "bert.");
   });
   LoadReport report;
   std::vector<std::pair<at::Tensor, at::Tensor>> copies;  // (destination, source)
@@ -112,8 +108,8 @@ inline LoadReport load_bert_state(BertForSequenceClassificationImpl& model,
   std::vector<std::string> unexpected;
   for (const auto& item : checkpoint) {
     auto key = detail::modern_key(item.key());
-    if (!has_bert_prefix && !detail::starts_with(key, "classifier.")) key = "bert." + key;
-    if (detail::starts_with(key, "cls.") || detail::starts_with(key, "bert.cls.") ||
+    if (!has_bert_prefix && !lora::detail::starts_with(key, "classifier.")) key = "bert." + key;
+    if (lora::detail::starts_with(key, "cls.") || lora::detail::starts_with(key, "bert.cls.") ||
         key.find("embeddings.position_ids") != std::string::npos) {
       report.ignored.push_back(item.key());
       continue;
@@ -131,7 +127,7 @@ inline LoadReport load_bert_state(BertForSequenceClassificationImpl& model,
   std::vector<std::string> missing;
   for (const auto& item : targets) {
     if (found.count(item.key())) continue;
-    if (detail::starts_with(item.key(), "classifier.")) {
+    if (lora::detail::starts_with(item.key(), "classifier.")) {
       report.initialized.push_back(item.key());
     } else {
       missing.push_back(item.key());
@@ -155,7 +151,7 @@ inline LoadReport load_bert_state(BertForSequenceClassificationImpl& model,
     }
     for (const auto& key : report.initialized) {
       auto tensor = targets[key];
-      key.size() >= 4 && key.compare(key.size() - 4, 4, "bias") == 0 ? tensor.zero_() : tensor.normal_(0.0, 0.02);
+      lora::detail::ends_with(key, "bias") ? tensor.zero_() : tensor.normal_(0.0, 0.02);
     }
     if (options.log) {
       *options.log << "lora: " << where << " has no classifier; initialised " << lora::detail::join(report.initialized)
@@ -273,8 +269,7 @@ inline void save_bert(BertForSequenceClassificationImpl& model, const std::strin
       // that no longer matches the vocabulary do not.
       [&](const std::string& name) {
         const bool weights = name == "model.safetensors.index.json" || name.rfind("pytorch_model", 0) == 0 ||
-                             (name.rfind("model-", 0) == 0 && name.size() > 12 &&
-                              name.compare(name.size() - 12, 12, ".safetensors") == 0);
+                             (name.rfind("model-", 0) == 0 && lora::detail::ends_with(name, ".safetensors"));
         return !weights && !(name == "tokenizer.json" && !vocab_file.empty());
       });
 }
