@@ -113,3 +113,14 @@ TEST_F(TrainableTest, TrainingAModelLeavesFrozenWeightsUntouched) {
     EXPECT_EQ(changed, item.value().requires_grad()) << item.key();
   }
 }
+
+TEST_F(TrainableTest, MarkAllAsTrainableForFullFineTuningRefusesAdaptedModels) {
+  lora::LoRALinear<> plain(torch::nn::LinearOptions(8, 4));  // no adapter: base frozen on construction
+  EXPECT_FALSE(plain->base_weight().requires_grad());
+  lora::mark_all_as_trainable(*plain);
+  EXPECT_TRUE(plain->base_weight().requires_grad());
+  EXPECT_EQ(lora::count_parameters(*plain).trainable, lora::count_parameters(*plain).total);
+  TinyModel model;  // proj carries an adapter
+  LORA_EXPECT_THROWS_WITH(lora::mark_all_as_trainable(*model),
+                          "module 'proj' holds adapters (default); merge_and_unload or unload them");
+}

@@ -288,7 +288,7 @@ int run_train(const TrainFlags& flags) {
     for (auto& parameter : model->classifier->parameters()) parameter.requires_grad_(true);
     for (auto& parameter : model->bert->pooler->parameters()) parameter.requires_grad_(true);
   } else {
-    for (auto& parameter : model->parameters()) parameter.requires_grad_(true);
+    lora::mark_all_as_trainable(*model);
   }
   std::cout << "mode " << flags.mode << ": " << lora::count_parameters(*model).to_string() << "\n";
 

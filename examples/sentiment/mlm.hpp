@@ -44,8 +44,8 @@ inline void pretrain_mlm(lora::models::BertModel& bert, const std::vector<std::s
   torch::nn::Linear topic_head(bert->config.hidden_size, static_cast<int64_t>(topics.size()));
   std::vector<int64_t> topic_ids;
   for (const auto& word : topics) topic_ids.push_back(tokenizer.token_to_id(word));
+  lora::mark_all_as_trainable(*bert);
   std::vector<torch::Tensor> parameters = bert->parameters();
-  for (auto& parameter : parameters) parameter.requires_grad_(true);
   for (const auto& parameter : head->parameters()) parameters.push_back(parameter);
   for (const auto& parameter : topic_head->parameters()) parameters.push_back(parameter);
   torch::optim::AdamW optimizer(parameters, torch::optim::AdamWOptions(lr).weight_decay(0.01));

@@ -49,6 +49,20 @@ inline void mark_only_lora_as_trainable(torch::nn::Module& model, BiasMode bias 
   }
 }
 
+/// Makes every parameter of `model` trainable, for full fine-tuning (LoRA layers freeze their
+/// base weights when they are built, so a fresh model starts with its projections frozen).
+/// Refused while the model holds adapters: full fine-tuning trains the base itself.
+///
+///     auto model = lora::models::load_bert_for_sequence_classification("bert-base-uncased");
+///     lora::mark_all_as_trainable(*model);
+inline void mark_all_as_trainable(torch::nn::Module& model) {
+  for (const auto& [path, layer] : adapter_layers(model)) {
+    TORCH_CHECK(layer->adapter_names().empty(), "lora::mark_all_as_trainable: module '", path, "' holds adapters (",
+                detail::join(layer->adapter_names()), "); merge_and_unload or unload them before full fine-tuning");
+  }
+  for (auto& parameter : model.parameters()) parameter.requires_grad_(true);
+}
+
 /// Trainable and total parameter counts, PEFT's `print_trainable_parameters`.
 struct ParameterCount {
   int64_t trainable = 0;
