@@ -42,7 +42,12 @@ struct LinearTraits<torch::nn::LinearImpl> {
   static bool has_bias(const Options& options) { return options.bias(); }
   static const at::Tensor& weight(const torch::nn::LinearImpl& layer) { return layer.weight; }
   static const at::Tensor& bias(const torch::nn::LinearImpl& layer) { return layer.bias; }
-  static at::Tensor forward(torch::nn::LinearImpl& layer, const at::Tensor& x) { return layer.forward(x); }
+  /// `at::linear`, not `LinearImpl::forward`: LibTorch's C++ Linear computes a 3-D input as a
+  /// matmul plus a separate bias add, at::linear (what PyTorch's Python Linear calls) as one
+  /// addmm on the flattened input. Measured in bench/model_bench.cpp (`op_*_linear`).
+  static at::Tensor forward(torch::nn::LinearImpl& layer, const at::Tensor& x) {
+    return at::linear(x, layer.weight, layer.bias);
+  }
 };
 
 /// Checks an adapter for a Linear-like layer of these sizes and weight dtype, as
