@@ -1,5 +1,7 @@
-// WordPiece throughput on the SST-2 training sentences with the bert-base-uncased vocabulary,
-// on one thread. Needs ../shared (set LORA_SHARED_DIR, or pass --shared=DIR first).
+// Tokenizer throughput on the SST-2 training sentences, one thread: WordPiece with the
+// bert-base-uncased vocabulary, byte-level BPE with the golden RoBERTa vocabulary (warm: the
+// per-word cache filled by earlier passes, as in a long run; cold: a new tokenizer per pass).
+// Needs ../shared (set LORA_SHARED_DIR, or pass --shared=DIR first).
 //
 //   LORA_SHARED_DIR=$(realpath ../shared) build/bench/lora-tokenizer-bench --benchmark_repetitions=5
 #include <cstdlib>
@@ -8,6 +10,7 @@
 
 #include <benchmark/benchmark.h>
 #include <lora/data/tsv.hpp>
+#include <lora/tokenizers/bpe.hpp>
 #include <lora/tokenizers/wordpiece.hpp>
 
 namespace {
@@ -30,9 +33,38 @@ void BM_TokenizeSst2Train(benchmark::State& state) {
   state.SetBytesProcessed(bytes);
 }
 
+lora::tokenizers::ByteLevelBpeTokenizer golden_bpe() {
+  const auto folder = shared_dir + "/golden/families/bpe/";
+  return lora::tokenizers::ByteLevelBpeTokenizer::from_files(folder + "vocab.json", folder + "merges.txt");
+}
+
+void run_bpe(benchmark::State& state, bool cold) {
+  const auto examples = lora::data::read_tsv(shared_dir + "/data/sst2/train.tsv", lora::data::Layout::kGlue).examples;
+  auto tokenizer = golden_bpe();
+  int64_t tokens = 0, bytes = 0;
+  for (auto _ : state) {
+    if (cold) {
+      state.PauseTiming();
+      tokenizer = golden_bpe();
+      state.ResumeTiming();
+    }
+    for (const auto& example : examples) {
+      tokens += static_cast<int64_t>(tokenizer.tokenize_ids(example.text).size());
+      bytes += static_cast<int64_t>(example.text.size());
+    }
+  }
+  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(tokens), benchmark::Counter::kIsRate);
+  state.SetBytesProcessed(bytes);
+}
+
+void BM_BpeSst2TrainWarm(benchmark::State& state) { run_bpe(state, false); }
+void BM_BpeSst2TrainCold(benchmark::State& state) { run_bpe(state, true); }
+
 }  // namespace
 
 BENCHMARK(BM_TokenizeSst2Train)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_BpeSst2TrainWarm)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_BpeSst2TrainCold)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 int main(int argc, char** argv) {
   if (argc > 1 && std::string(argv[1]).rfind("--shared=", 0) == 0) {

@@ -4,6 +4,7 @@
 
 #include <lora/data/batcher.hpp>
 #include <lora/data/tsv.hpp>
+#include <lora/tokenizers/wordpiece.hpp>
 
 #include "test_helpers.hpp"
 

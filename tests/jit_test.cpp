@@ -328,7 +328,9 @@ TEST_F(JitTest, AdaptersFollowTheScriptedModuleToAnotherDtype) {
     if (item.key().find("original_module") != std::string::npos) continue;
     const bool adapter = item.key().find("lora_") != std::string::npos;
     EXPECT_EQ(item.value().scalar_type(), adapter ? torch::kFloat : torch::kDouble) << item.key();
-    if (item.value().requires_grad()) EXPECT_TRUE(item.value().grad().defined()) << item.key();
+    if (item.value().requires_grad()) {
+      EXPECT_TRUE(item.value().grad().defined()) << item.key();
+    }
   }
   // A merge lands in the (moved) scripted weights; unmerge restores them.
   const auto W = adapters.adapters()->named_parameters()["encoder.layer.0.attention.self.query.base_layer.weight"];

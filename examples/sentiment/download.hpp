@@ -1,6 +1,7 @@
 #pragma once
 
-// Downloads a model folder (config.json, vocab.txt, model.safetensors) from the Hugging Face hub
+// Downloads a model folder (config.json, model.safetensors and the tokenizer's files: vocab.txt,
+// vocab.json + merges.txt, or tokenizer.json; tokenizer_config.json when there) from the Hugging Face hub
 // URL layout, {endpoint}/{repo}/resolve/{revision}/{file}, with libcurl: HF_ENDPOINT and HF_HOME
 // are honoured as huggingface_hub does, downloads resume from a partial file, sizes are checked.
 
@@ -57,6 +58,21 @@ inline curl_off_t remote_size(const std::string& url) {
   TORCH_CHECK(code == CURLE_OK, "download: ", url, " failed: ", curl_easy_strerror(code),
               status ? " (HTTP " + std::to_string(status) + ")" : std::string());
   return size;
+}
+
+/// The HTTP status of a HEAD request for `url` (after redirects); transport failures throw.
+inline long http_status(const std::string& url) {
+  CURL* curl = curl_easy_init();
+  TORCH_CHECK(curl != nullptr, "download: cannot initialise libcurl");
+  curl_easy_setopt(curl, CURLOPT_URL, url.c_str());
+  curl_easy_setopt(curl, CURLOPT_NOBODY, 1L);
+  curl_easy_setopt(curl, CURLOPT_FOLLOWLOCATION, 1L);
+  const auto code = curl_easy_perform(curl);
+  long status = 0;
+  curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &status);
+  curl_easy_cleanup(curl);
+  TORCH_CHECK(code == CURLE_OK, "download: ", url, " failed: ", curl_easy_strerror(code));
+  return status;
 }
 
 /// Downloads `url` into `target`, resuming `target.incomplete` when present.
@@ -124,10 +140,28 @@ inline std::string fetch_hf_model(const std::string& repo, const std::string& re
   fs::create_directories(folder);
   static const bool initialised = curl_global_init(CURL_GLOBAL_DEFAULT) == CURLE_OK;
   TORCH_CHECK(initialised, "download: cannot initialise libcurl");
-  for (const auto* file : {"config.json", "vocab.txt", "model.safetensors"}) {
-    if (fs::exists(folder / file)) continue;
-    detail::fetch(endpoint + "/" + repo + "/resolve/" + revision + "/" + file, folder / file);
+  auto url = [&](const std::string& file) { return endpoint + "/" + repo + "/resolve/" + revision + "/" + file; };
+  auto have = [&](const std::string& file) { return fs::exists(folder / file); };
+  auto get = [&](const std::string& file) {
+    if (!have(file)) detail::fetch(url(file), folder / file);
+  };
+  auto offered = [&](const std::string& file) { return have(file) || detail::http_status(url(file)) == 200; };
+  const bool first_time = !have("config.json");
+  get("config.json");
+  // The tokenizer: BERT and DistilBERT ship vocab.txt, RoBERTa vocab.json + merges.txt; some
+  // folders only tokenizer.json.
+  if (offered("vocab.txt")) {
+    get("vocab.txt");
+  } else if (offered("vocab.json") && offered("merges.txt")) {
+    get("vocab.json");
+    get("merges.txt");
+  } else {
+    TORCH_CHECK(offered("tokenizer.json"), "download: ", repo,
+                " has no tokenizer files (vocab.txt, vocab.json + merges.txt or tokenizer.json)");
+    get("tokenizer.json");
   }
+  if (first_time && detail::http_status(url("tokenizer_config.json")) == 200) get("tokenizer_config.json");
+  get("model.safetensors");
   return folder.string();
 }
 

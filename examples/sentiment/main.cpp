@@ -1,4 +1,4 @@
-// lora-sentiment: fine-tune BERT for binary sentiment with LoRA on query/value.
+// lora-sentiment: fine-tune BERT, DistilBERT or RoBERTa for binary sentiment with LoRA on query/value.
 //
 //   lora-sentiment                      the built-in demo: no downloads, a few minutes on 2 cores
 //   lora-sentiment train --model DIR --data DIR --out DIR [options]      (--hf-model NAME downloads)
@@ -6,6 +6,7 @@
 //   lora-sentiment predict --model DIR [--adapter DIR] [SENTENCE...]   (stdin when none)
 //
 // Run any command with --help for its options.
+#include <algorithm>
 #include <atomic>
 #include <csignal>
 #include <cstdlib>
@@ -23,7 +24,9 @@
 #include <lora/data/tsv.hpp>
 #include <lora/io/peft.hpp>
 #include <lora/lora.hpp>
+#include <lora/models/auto.hpp>
 #include <lora/models/bert_checkpoint.hpp>
+#include <lora/tokenizers/auto.hpp>
 #include <lora/tokenizers/wordpiece.hpp>
 #include <torch/torch.h>
 
@@ -64,7 +67,7 @@ struct LoraFlags {
   int64_t r = 8;
   double alpha = 16;
   double dropout = 0.1;
-  std::string targets = "query,value";
+  std::string targets;  // empty: the family's query and value projections
   bool rslora = false;
   bool dora = false;
 };
@@ -74,33 +77,35 @@ void add_lora_flags(CLI::App& app, LoraFlags& flags) {
   app.add_option("--alpha", flags.alpha, "LoRA alpha (scaling alpha/r)")->check(CLI::PositiveNumber)->capture_default_str();
   app.add_option("--dropout", flags.dropout, "dropout on the adapter input")->check(CLI::Range(0.0, 0.999))
       ->capture_default_str();
-  app.add_option("--targets", flags.targets, "comma-separated module names to adapt")->capture_default_str();
+  app.add_option("--targets", flags.targets,
+                 "comma-separated module names to adapt (default: query,value; DistilBERT: q_lin,v_lin)");
   app.add_flag("--rslora", flags.rslora, "scale by alpha/sqrt(r)");
   app.add_flag("--dora", flags.dora, "DoRA: learn a magnitude vector too");
 }
 
-lora::LoraConfig adapter_config(const LoraFlags& flags, const std::string& base) {
+lora::LoraConfig adapter_config(const LoraFlags& flags, const std::string& base,
+                                const std::vector<std::string>& default_targets) {
   // SEQ_CLS: the classifier trains in full and is saved with the adapter, as in PEFT.
   return lora::LoraConfig(lora::LoRAOptions(flags.r)
                               .alpha(flags.alpha)
                               .dropout(flags.dropout)
                               .use_rslora(flags.rslora)
                               .use_dora(flags.dora))
-      .target_modules(split_list(flags.targets))
+      .target_modules(flags.targets.empty() ? default_targets : split_list(flags.targets))
       .task_type("SEQ_CLS")
       .base_model_name_or_path(base);
 }
 
-/// Loads a model folder and checks that its vocabulary fits the model.
-std::pair<lora::models::BertForSequenceClassification, lora::tokenizers::WordPieceTokenizer> load_model(
+/// Loads a model folder of any supported family with its tokenizer, and checks that the
+/// tokenizer's ids fit the model.
+std::pair<lora::models::SequenceClassifier, std::shared_ptr<lora::tokenizers::Tokenizer>> load_model(
     const std::string& folder) {
   TORCH_CHECK(fs::is_directory(folder), "model folder '", folder, "' does not exist");
-  TORCH_CHECK(fs::exists(fs::path(folder) / "vocab.txt"), "model folder '", folder, "' has no vocab.txt");
-  auto tokenizer = lora::tokenizers::WordPieceTokenizer::from_file((fs::path(folder) / "vocab.txt").string());
-  auto model = lora::models::load_bert_for_sequence_classification(folder);
-  TORCH_CHECK(tokenizer.vocab_size() == model->config.vocab_size, "vocab.txt of '", folder, "' has ",
-              tokenizer.vocab_size(), " tokens but the model's vocab_size is ", model->config.vocab_size);
-  model->eval();
+  auto tokenizer = lora::tokenizers::load_tokenizer(folder);
+  auto model = lora::models::load_sequence_classifier(folder);
+  TORCH_CHECK(tokenizer->vocab_size() <= model.vocab_size(), "the tokenizer of '", folder, "' has ",
+              tokenizer->vocab_size(), " tokens but the model's vocab_size is ", model.vocab_size());
+  model.module().eval();
   return {model, tokenizer};
 }
 
@@ -112,7 +117,7 @@ std::string folder_name(const std::string& path) {
 
 /// Attaches a saved adapter, refusing one made for another base model unless `force`.
 /// `model_folder` is the model's folder or hub name, as `train` records it.
-void attach_adapter(lora::models::BertForSequenceClassificationImpl& model, const std::string& adapter,
+void attach_adapter(const lora::models::SequenceClassifier& model, const std::string& adapter,
                     const std::string& model_folder, bool force = false) {
   TORCH_CHECK(fs::is_directory(adapter), "adapter folder '", adapter, "' does not exist");
   const auto config = lora::io::read_adapter_config(adapter, "default", /*warn=*/nullptr);  // load_adapter warns
@@ -120,8 +125,8 @@ void attach_adapter(lora::models::BertForSequenceClassificationImpl& model, cons
   TORCH_CHECK(force || base.empty() || folder_name(base) == folder_name(model_folder), "the adapter in '", adapter,
               "' was trained on base model '", base, "', not on '", model_folder,
               "' (pass --force to load it anyway)");
-  lora::io::load_adapter(model, adapter);
-  model.eval();
+  lora::io::load_adapter(model.module(), adapter);
+  model.module().eval();
 }
 
 // ---- the built-in demo --------------------------------------------------------------------
@@ -179,7 +184,8 @@ std::string demo_backbone(const DemoOptions& options) {
 int run_demo(const DemoOptions& options) {
   const auto started = std::chrono::steady_clock::now();
   const auto backbone = demo_backbone(options);
-  const auto tokenizer = load_model(backbone).second;
+  const auto tokenizer_ptr = load_model(backbone).second;
+  const auto& tokenizer = *tokenizer_ptr;
 
   sentiment::Generator train_generator(options.seed + 1), test_generator(options.seed + 2);
   const auto train_examples = train_generator.examples(3000);
@@ -208,14 +214,14 @@ int run_demo(const DemoOptions& options) {
     torch::manual_seed(options.seed + 7);
     // The head is BERT's: pooler and classifier, trained in full in both runs.
     if (mode == "head") {
-      for (auto& parameter : model->parameters()) parameter.requires_grad_(false);
-      lora::add_modules_to_save(*model, {"classifier", "pooler.dense"});
+      for (auto& parameter : model.module().parameters()) parameter.requires_grad_(false);
+      lora::add_modules_to_save(model.module(), {"classifier", "pooler.dense"});
     } else {
-      lora::inject(*model, lora::LoraConfig(lora::LoRAOptions(8).alpha(16))
+      lora::inject(model.module(), lora::LoraConfig(lora::LoRAOptions(8).alpha(16))
                                .target_modules({"query", "value"})
                                .modules_to_save({"classifier", "pooler.dense"}));
     }
-    const auto count = lora::count_parameters(*model);
+    const auto count = lora::count_parameters(model.module());
     std::cout << (mode == "head" ? "frozen backbone, trained head (pooler + classifier)" : "LoRA r=8 on query/value + head")
               << ": "
               << count.to_string() << "\n";
@@ -224,8 +230,8 @@ int run_demo(const DemoOptions& options) {
     training.lr = 2e-3;
     training.weight_decay = 0.0;
     training.progress = std::getenv("LORA_DEMO_VERBOSE") != nullptr;
-    const auto result = sentiment::train(*model, train_set, dev, training);
-    rows.push_back({mode, count, sentiment::evaluate(*model, test)});
+    const auto result = sentiment::train(model, train_set, dev, training);
+    rows.push_back({mode, count, sentiment::evaluate(model, test)});
     std::cout << "  dev accuracy " << std::fixed << std::setprecision(3) << result.best.accuracy << ", "
               << std::setprecision(1) << result.seconds << " s\n"
               << std::defaultfloat;
@@ -270,31 +276,35 @@ int run_train(const TrainFlags& flags) {
     dev_path = (fs::path(flags.data) / "dev.tsv").string();
   }
   TORCH_CHECK(!train_path.empty() && !dev_path.empty(), "give --data DIR, or both --train FILE and --dev FILE");
-  auto [model, tokenizer] = load_model(flags.model);
+  auto [model, tokenizer_ptr] = load_model(flags.model);
+  const auto& tokenizer = *tokenizer_ptr;
   const auto train_examples = read_split(train_path).examples;
   const auto dev_examples = read_split(dev_path).examples;
-  std::cout << "model " << flags.model << ": " << model->config.num_hidden_layers << " layers, hidden "
-            << model->config.hidden_size << "; " << train_examples.size() << " training and " << dev_examples.size()
-            << " dev sentences\n";
+  std::cout << "model " << flags.model << " (" << model.model_type() << ", " << tokenizer.kind() << " tokenizer): "
+            << train_examples.size() << " training and " << dev_examples.size() << " dev sentences\n";
 
   torch::manual_seed(flags.seed);
-  const auto config = adapter_config(flags.lora, flags.hf_model.empty() ? flags.model : flags.hf_model);
+  const auto config =
+      adapter_config(flags.lora, flags.hf_model.empty() ? flags.model : flags.hf_model, model.default_targets());
   if (flags.mode == "lora") {
-    lora::inject(*model, config);
+    lora::inject(model.module(), config);
   } else if (flags.mode == "head") {
-    // BERT's head (pooler and classifier, as in the demo) trains in place; the result is saved
-    // as a whole model, like --mode full.
-    for (auto& parameter : model->parameters()) parameter.requires_grad_(false);
-    for (auto& parameter : model->classifier->parameters()) parameter.requires_grad_(true);
-    for (auto& parameter : model->bert->pooler->parameters()) parameter.requires_grad_(true);
+    // The family's head (BERT: pooler and classifier, as in the demo; DistilBERT: pre_classifier
+    // and classifier; RoBERTa: classifier) trains in place; the result is saved as a whole model.
+    for (auto& parameter : model.module().parameters()) parameter.requires_grad_(false);
+    for (const auto& item : model.module().named_modules()) {
+      const auto& heads = model.head_modules();
+      if (std::find(heads.begin(), heads.end(), item.key()) == heads.end()) continue;
+      for (auto& parameter : item.value()->parameters()) parameter.requires_grad_(true);
+    }
   } else {
-    lora::mark_all_as_trainable(*model);
+    lora::mark_all_as_trainable(model.module());
   }
-  std::cout << "mode " << flags.mode << ": " << lora::count_parameters(*model).to_string() << "\n";
+  std::cout << "mode " << flags.mode << ": " << lora::count_parameters(model.module()).to_string() << "\n";
 
   lora::data::BatcherOptions batching;
   batching.batch_size = flags.batch_size;
-  batching.max_length = flags.max_length;
+  batching.max_length = std::min(flags.max_length, model.max_tokens());
   lora::data::Batcher dev(dev_examples, tokenizer, batching);
   batching.shuffle = true;
   batching.seed = flags.seed;
@@ -317,12 +327,12 @@ int run_train(const TrainFlags& flags) {
   std::signal(SIGINT, on_interrupt);
   auto save_best = [&](int64_t) {
     if (flags.mode != "lora") {
-      lora::models::save_bert(*model, (fs::path(flags.out) / "best").string(), flags.model + "/vocab.txt");
+      model.save((fs::path(flags.out) / "best").string(), lora::models::tokenizer_files(flags.model));
     } else {
-      lora::io::save_adapter(*model, (fs::path(flags.out) / "adapter").string());
+      lora::io::save_adapter(model.module(), (fs::path(flags.out) / "adapter").string());
     }
   };
-  const auto result = sentiment::train(*model, train_set, dev, training, save_best);
+  const auto result = sentiment::train(model, train_set, dev, training, save_best);
   if (result.interrupted) return 130;
   std::ofstream(fs::path(flags.out) / "learning_curve.svg")
       << sentiment::learning_curve_svg(result.history, "lora-sentiment: " + flags.mode);
@@ -333,10 +343,10 @@ int run_train(const TrainFlags& flags) {
   if (flags.merge && flags.mode != "lora") std::cout << "--merge ignored: --mode " << flags.mode << " saved a whole model\n";
   if (flags.merge && flags.mode == "lora") {
     auto [best, unused] = load_model(flags.model);
-    attach_adapter(*best, (fs::path(flags.out) / "adapter").string(), config.base_model_name_or_path());
-    lora::merge_and_unload(*best, /*safe_merge=*/true);
-    lora::models::save_bert(*best, (fs::path(flags.out) / "merged").string(), flags.model + "/vocab.txt");
-    std::cout << "wrote " << flags.out << "/merged (a plain Hugging Face BERT folder)\n";
+    attach_adapter(best, (fs::path(flags.out) / "adapter").string(), config.base_model_name_or_path());
+    lora::merge_and_unload(best.module(), /*safe_merge=*/true);
+    best.save((fs::path(flags.out) / "merged").string(), lora::models::tokenizer_files(flags.model));
+    std::cout << "wrote " << flags.out << "/merged (a plain Hugging Face " << best.model_type() << " folder)\n";
   }
   return 0;
 }
@@ -344,11 +354,12 @@ int run_train(const TrainFlags& flags) {
 int run_eval(const std::string& model_folder, const std::string& identity, const std::string& adapter,
              const std::string& data, int64_t batch, bool force) {
   auto [model, tokenizer] = load_model(model_folder);
-  if (!adapter.empty()) attach_adapter(*model, adapter, identity, force);
+  if (!adapter.empty()) attach_adapter(model, adapter, identity, force);
   const auto examples = read_split(data).examples;
   lora::data::BatcherOptions batching;
   batching.batch_size = batch;
-  const auto m = sentiment::evaluate(*model, lora::data::Batcher(examples, tokenizer, batching));
+  batching.max_length = std::min<int64_t>(batching.max_length, model.max_tokens());
+  const auto m = sentiment::evaluate(model, lora::data::Batcher(examples, *tokenizer, batching));
   std::cout << std::fixed << std::setprecision(4) << "examples " << m.count() << "\naccuracy " << m.accuracy
             << "\nf1 " << m.f1 << "\nloss " << m.loss << "\nconfusion (rows: true 0/1, columns: predicted 0/1)\n  "
             << m.true_negative << " " << m.false_positive << "\n  " << m.false_negative << " " << m.true_positive
@@ -359,7 +370,7 @@ int run_eval(const std::string& model_folder, const std::string& identity, const
 int run_predict(const std::string& model_folder, const std::string& identity, const std::string& adapter,
                 std::vector<std::string> sentences, const std::string& file, bool force) {
   auto [model, tokenizer] = load_model(model_folder);
-  if (!adapter.empty()) attach_adapter(*model, adapter, identity, force);
+  if (!adapter.empty()) attach_adapter(model, adapter, identity, force);
   if (!file.empty()) {
     std::ifstream in(file);
     TORCH_CHECK(in, "cannot open '", file, "'");
@@ -367,14 +378,13 @@ int run_predict(const std::string& model_folder, const std::string& identity, co
   } else if (sentences.empty()) {
     for (std::string line; std::getline(std::cin, line);) sentences.push_back(line);
   }
-  const auto& labels = model->config.id2label;
+  const auto& labels = model.id2label();
   torch::NoGradGuard no_grad;
   for (size_t start = 0; start < sentences.size(); start += 64) {
     const std::vector<std::string> chunk(sentences.begin() + static_cast<std::ptrdiff_t>(start),
                                          sentences.begin() + static_cast<std::ptrdiff_t>(std::min(sentences.size(), start + 64)));
-    const auto batch = tokenizer.encode_batch(chunk, model->config.max_position_embeddings);
-    const auto probabilities = torch::softmax(
-        model->forward(batch.input_ids, batch.attention_mask, batch.token_type_ids), -1);
+    const auto batch = tokenizer->encode_batch(chunk, model.max_tokens());
+    const auto probabilities = torch::softmax(model.forward(batch), -1);
     for (size_t i = 0; i < chunk.size(); ++i) {
       const auto label = probabilities[static_cast<int64_t>(i)].argmax().item<int64_t>();
       const auto name = labels.count(label) ? labels.at(label) : (label == 1 ? "positive" : "negative");
@@ -388,7 +398,7 @@ int run_predict(const std::string& model_folder, const std::string& identity, co
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"lora-sentiment: fine-tune BERT for sentiment with LoRA (no arguments: the built-in demo)"};
+  CLI::App app{"lora-sentiment: fine-tune BERT, DistilBERT or RoBERTa for sentiment with LoRA (no arguments: the built-in demo)"};
   app.fallthrough();  // --threads also after a command
   int threads = default_threads();
   app.add_option("--threads", threads, "intra-op threads (default: all cores, or OMP_NUM_THREADS)")
@@ -401,8 +411,9 @@ int main(int argc, char** argv) {
   app.add_option("--epochs", demo.epochs, "demo fine-tuning epochs")->check(CLI::PositiveNumber)->capture_default_str();
 
   TrainFlags train;
-  auto* train_cmd = app.add_subcommand("train", "fine-tune a Hugging Face BERT folder on labelled sentences");
-  train_cmd->add_option("--model", train.model, "BERT folder: config.json, model.safetensors, vocab.txt");
+  auto* train_cmd = app.add_subcommand("train", "fine-tune a Hugging Face BERT, DistilBERT or RoBERTa folder");
+  train_cmd->add_option("--model", train.model,
+                        "model folder: config.json, model.safetensors and vocab.txt, vocab.json + merges.txt, or tokenizer.json");
   train_cmd->add_option("--hf-model", train.hf_model,
                         "download a Hugging Face model instead (e.g. bert-base-uncased; HF_ENDPOINT, HF_HOME)");
   train_cmd->add_option("--data", train.data, "GLUE SST-2 folder with train.tsv and dev.tsv");
@@ -437,14 +448,14 @@ int main(int argc, char** argv) {
   bool force = false;
   std::vector<std::string> sentences;
   auto* eval_cmd = app.add_subcommand("eval", "accuracy, F1 and confusion matrix on a labelled file");
-  eval_cmd->add_option("--model", model_folder, "BERT folder (or a merged one)");
+  eval_cmd->add_option("--model", model_folder, "model folder (or a merged one)");
   eval_cmd->add_option("--hf-model", hf_model, "download a Hugging Face model instead");
   eval_cmd->add_option("--adapter", adapter, "PEFT adapter folder");
   eval_cmd->add_option("--data", data, "labelled file (.tsv: GLUE layout; else text<TAB>label)")->required();
   eval_cmd->add_option("--batch-size", batch, "batch size")->check(CLI::PositiveNumber);
   eval_cmd->add_flag("--force", force, "load an adapter trained on another base model");
   auto* predict_cmd = app.add_subcommand("predict", "label and probability for each sentence (arguments, --file or stdin)");
-  predict_cmd->add_option("--model", model_folder, "BERT folder (or a merged one)");
+  predict_cmd->add_option("--model", model_folder, "model folder (or a merged one)");
   predict_cmd->add_option("--hf-model", hf_model, "download a Hugging Face model instead");
   predict_cmd->add_option("--adapter", adapter, "PEFT adapter folder");
   predict_cmd->add_option("--file", file, "one sentence per line");

@@ -1,6 +1,6 @@
 #pragma once
 
-// Fine-tuning and evaluation loops for BertForSequenceClassification: LoRA, full or head-only,
+// Fine-tuning and evaluation loops for any sequence classifier (BERT, DistilBERT, RoBERTa): LoRA, full or head-only,
 // AdamW with linear warmup and decay, gradient clipping, periodic evaluation, metrics.
 
 #include <atomic>
@@ -23,7 +23,7 @@
 
 #include <lora/data/batcher.hpp>
 #include <lora/inject.hpp>
-#include <lora/models/bert.hpp>
+#include <lora/models/auto.hpp>
 #include <torch/torch.h>
 
 namespace sentiment {
@@ -35,14 +35,15 @@ struct Metrics {
 };
 
 /// Accuracy, F1 of the positive class, mean cross-entropy and the confusion matrix.
-inline Metrics evaluate(lora::models::BertForSequenceClassificationImpl& model, const lora::data::Batcher& batcher) {
+inline Metrics evaluate(const lora::models::SequenceClassifier& classifier, const lora::data::Batcher& batcher) {
+  auto& model = classifier.module();
   const bool was_training = model.is_training();
   model.eval();
   torch::NoGradGuard no_grad;
   Metrics m;
   double loss_sum = 0;
   for (const auto& batch : batcher.epoch()) {
-    const auto logits = model.forward(batch.inputs.input_ids, batch.inputs.attention_mask, batch.inputs.token_type_ids);
+    const auto logits = classifier.forward(batch.inputs);
     loss_sum += torch::nn::functional::cross_entropy(logits, batch.labels,
                                                       torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))
                     .item<double>();
@@ -187,9 +188,10 @@ inline std::string clock_time(double seconds) {
 
 /// Trains every parameter that requires grad with AdamW (warmup, then linear decay to 0),
 /// evaluating on `dev` periodically; `on_best(step)` runs when dev accuracy improves.
-inline TrainResult train(lora::models::BertForSequenceClassificationImpl& model, const lora::data::Batcher& train_set,
+inline TrainResult train(const lora::models::SequenceClassifier& classifier, const lora::data::Batcher& train_set,
                          const lora::data::Batcher& dev, const TrainOptions& options,
                          const std::function<void(int64_t)>& on_best = {}) {
+  auto& model = classifier.module();
   std::vector<torch::Tensor> parameters;
   for (const auto& parameter : model.parameters()) {
     if (parameter.requires_grad()) parameters.push_back(parameter);
@@ -241,7 +243,7 @@ inline TrainResult train(lora::models::BertForSequenceClassificationImpl& model,
       const double lr = options.lr * factor;
       for (auto& group : optimizer.param_groups()) static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
       optimizer.zero_grad();
-      const auto logits = model.forward(batch.inputs.input_ids, batch.inputs.attention_mask, batch.inputs.token_type_ids);
+      const auto logits = classifier.forward(batch.inputs);
       const auto loss = torch::nn::functional::cross_entropy(logits, batch.labels);
       loss.backward();
       if (options.clip > 0) torch::nn::utils::clip_grad_norm_(parameters, options.clip);
@@ -261,7 +263,7 @@ inline TrainResult train(lora::models::BertForSequenceClassificationImpl& model,
                      clock_time(elapsed / double(step - first_step) * double(total - step)).c_str());
       }
       if (step % eval_every == 0 || step == total) {
-        MetricRow row{step, double(step) / per_epoch, running_loss / running_count, lr, evaluate(model, dev)};
+        MetricRow row{step, double(step) / per_epoch, running_loss / running_count, lr, evaluate(classifier, dev)};
         running_loss = 0;
         running_count = 0;
         result.history.push_back(row);

@@ -14,7 +14,7 @@
 #include <c10/util/Exception.h>
 
 #include <lora/data/tsv.hpp>
-#include <lora/tokenizers/wordpiece.hpp>
+#include <lora/tokenizers/tokenizer.hpp>
 
 namespace lora::data {
 
@@ -28,7 +28,7 @@ struct Batch {
 /// How batches are made.
 struct BatcherOptions {
   int64_t batch_size = 32;
-  /// Tokens per example at most, [CLS] and [SEP] included. Default 128.
+  /// Tokens per example at most, special tokens included. Default 128.
   int64_t max_length = 128;
   /// Shuffle every epoch (training). Without it the order is the examples' (evaluation).
   bool shuffle = false;
@@ -48,9 +48,8 @@ struct BatcherOptions {
 ///     for (const auto& batch : train.epoch(0)) { ... }
 class Batcher {
  public:
-  Batcher(const std::vector<Example>& examples, const tokenizers::WordPieceTokenizer& tokenizer,
-          BatcherOptions options)
-      : tokenizer_(tokenizer), options_(options) {
+  Batcher(const std::vector<Example>& examples, const tokenizers::Tokenizer& tokenizer, BatcherOptions options)
+      : pad_id_(tokenizer.pad_id()), options_(options) {
     TORCH_CHECK(options.batch_size > 0, "Batcher: batch_size must be > 0 (got ", options.batch_size, ")");
     TORCH_CHECK(options.max_length >= 2, "Batcher: max_length must be >= 2 (got ", options.max_length, ")");
     TORCH_CHECK(options.bucket_batches > 0, "Batcher: bucket_batches must be > 0 (got ", options.bucket_batches, ")");
@@ -130,13 +129,13 @@ class Batcher {
       labels.push_back(labels_[static_cast<size_t>(index)]);
     }
     Batch batch;
-    batch.inputs = tokenizer_.pad(rows, tokenizers::Padding::kLongest, options_.max_length);
+    batch.inputs = tokenizers::pad_encodings(rows, pad_id_, tokenizers::Padding::kLongest, options_.max_length, "Batcher");
     batch.labels = at::tensor(labels, at::kLong);
     batch.indices = std::move(indices);
     return batch;
   }
 
-  tokenizers::WordPieceTokenizer tokenizer_;
+  int64_t pad_id_;
   BatcherOptions options_;
   std::vector<tokenizers::Encoding> encodings_;
   std::vector<int64_t> labels_;

@@ -6,7 +6,6 @@
 /// projection adaptable by `lora::inject` (declared as `lora::LoRALinear<>`).
 
 #include <cmath>
-#include <limits>
 #include <string>
 #include <vector>
 
@@ -21,23 +20,14 @@
 
 #include <lora/linear.hpp>
 #include <lora/models/bert_config.hpp>
+#include <lora/models/encoder.hpp>
 
 namespace lora::models {
 
 namespace detail {
 
-inline lora::LoRALinear<> projection(int64_t in, int64_t out) {
-  return lora::LoRALinear<>(torch::nn::LinearOptions(in, out));
-}
-
 inline torch::nn::LayerNorm layer_norm(const BertConfig& config) {
   return torch::nn::LayerNorm(torch::nn::LayerNormOptions({config.hidden_size}).eps(config.layer_norm_eps));
-}
-
-inline at::Tensor activation(const at::Tensor& x, const std::string& name) {
-  if (name == "relu") return torch::relu(x);
-  if (name == "gelu") return torch::gelu(x);
-  return torch::gelu(x, "tanh");  // gelu_new, gelu_pytorch_tanh
 }
 
 }  // namespace detail
@@ -187,27 +177,14 @@ struct BertModelImpl : torch::nn::Module {
   /// dtype's minimum before the softmax, as transformers does.
   BertOutput forward(const at::Tensor& input_ids, const at::Tensor& attention_mask = {},
                      const at::Tensor& token_type_ids = {}, bool output_hidden_states = false) {
-    TORCH_CHECK(input_ids.dim() == 2, "BertModel: input_ids must be [batch, seq] (got shape ", input_ids.sizes(), ")");
-    TORCH_CHECK(input_ids.scalar_type() == at::kLong, "BertModel: input_ids must be int64 (got ",
-                c10::toString(input_ids.scalar_type()), ")");
-    const auto seq = input_ids.size(1);
-    TORCH_CHECK(seq <= config.max_position_embeddings, "BertModel: sequence length ", seq,
-                " exceeds max_position_embeddings ", config.max_position_embeddings);
+    detail::check_encoder_inputs("BertModel", input_ids, attention_mask, config.max_position_embeddings);
     const auto types = token_type_ids.defined() ? token_type_ids : torch::zeros_like(input_ids);
     TORCH_CHECK(types.sizes() == input_ids.sizes(), "BertModel: token_type_ids shape ", types.sizes(),
                 " differs from input_ids shape ", input_ids.sizes());
     auto hidden = embeddings(input_ids, types);
-    at::Tensor additive_mask;
-    if (attention_mask.defined()) {
-      TORCH_CHECK(attention_mask.sizes() == input_ids.sizes(), "BertModel: attention_mask shape ",
-                  attention_mask.sizes(), " differs from input_ids shape ", input_ids.sizes());
-      const auto dtype = hidden.scalar_type();
-      const double minimum = dtype == at::kDouble ? std::numeric_limits<double>::lowest()
-                             : dtype == at::kHalf ? -65504.0
-                             : dtype == at::kBFloat16 ? -3.3895313892515355e38
-                                                      : static_cast<double>(std::numeric_limits<float>::lowest());
-      additive_mask = (1.0 - attention_mask.to(dtype)).mul(minimum).unsqueeze(1).unsqueeze(2);
-    }
+    const auto additive_mask = attention_mask.defined()
+                                   ? detail::additive_attention_mask(attention_mask, hidden.scalar_type())
+                                   : at::Tensor();
     BertOutput output;
     if (output_hidden_states) output.hidden_states.push_back(hidden);
     for (const auto& layer : *layers) {

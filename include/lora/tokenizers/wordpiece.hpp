@@ -20,6 +20,7 @@
 #include <c10/util/Exception.h>
 
 #include <lora/tokenizers/detail/unicode.hpp>
+#include <lora/tokenizers/tokenizer.hpp>
 
 namespace lora::tokenizers {
 
@@ -35,32 +36,12 @@ struct WordPieceOptions {
   int64_t max_chars_per_word = 100;
 };
 
-/// One encoded sequence or pair, before padding.
-struct Encoding {
-  std::vector<int64_t> input_ids;
-  std::vector<int64_t> token_type_ids;
-  std::vector<int64_t> attention_mask;
-};
-
-/// A padded batch, ready for `BertModel::forward`: int64 tensors [batch, length].
-struct BatchEncoding {
-  at::Tensor input_ids;
-  at::Tensor attention_mask;
-  at::Tensor token_type_ids;
-};
-
-/// How a batch is padded.
-enum class Padding {
-  kLongest,    ///< to the longest row of the batch (dynamic padding)
-  kMaxLength,  ///< to `max_length`
-};
-
 /// A BERT WordPiece tokenizer over a `vocab.txt` (one token per line; id = line number).
 ///
 ///     auto tokenizer = lora::tokenizers::WordPieceTokenizer::from_file("vocab.txt");
 ///     auto ids = tokenizer.encode("hello world!").input_ids;  // [101, 7592, 2088, 999, 102]
 ///     auto batch = tokenizer.encode_batch({"a great film", "dull"}, 128);
-class WordPieceTokenizer {
+class WordPieceTokenizer : public Tokenizer {
  public:
   /// Reads `vocab.txt`. Errors: a missing file, an empty vocabulary, a token listed twice
   /// (both line numbers), a special token ([PAD] [UNK] [CLS] [SEP] [MASK]) absent.
@@ -108,27 +89,27 @@ class WordPieceTokenizer {
     vocab_ = std::move(vocab);
   }
 
-  int64_t vocab_size() const { return static_cast<int64_t>(vocab_->tokens.size()); }
-  int64_t pad_id() const { return pad_; }
-  int64_t unk_id() const { return unk_; }
+  int64_t vocab_size() const override { return static_cast<int64_t>(vocab_->tokens.size()); }
+  int64_t pad_id() const override { return pad_; }
+  int64_t unk_id() const override { return unk_; }
   int64_t cls_id() const { return cls_; }
   int64_t sep_id() const { return sep_; }
   int64_t mask_id() const { return mask_; }
   const WordPieceOptions& options() const { return options_; }
 
   /// The id of `token`, or [UNK]'s.
-  int64_t token_to_id(const std::string& token) const {
+  int64_t token_to_id(const std::string& token) const override {
     const auto it = vocab_->ids.find(token);
     return it == vocab_->ids.end() ? unk_ : it->second;
   }
-  const std::string& id_to_token(int64_t id) const {
+  const std::string& id_to_token(int64_t id) const override {
     TORCH_CHECK(id >= 0 && id < vocab_size(), "WordPieceTokenizer: id ", id, " is outside the vocabulary (size ",
                 vocab_size(), ")");
     return vocab_->tokens[static_cast<size_t>(id)];
   }
 
   /// Token ids of `text`, without [CLS]/[SEP].
-  std::vector<int64_t> tokenize_ids(const std::string& text) const {
+  std::vector<int64_t> tokenize_ids(const std::string& text) const override {
     std::vector<int64_t> ids;
     tokenize(text, [&](int64_t id) { ids.push_back(id); });
     return ids;
@@ -146,22 +127,12 @@ class WordPieceTokenizer {
   /// (transformers' "longest_first"); by default (0) nothing is cut, as transformers'
   /// `tokenizer(text)` does not truncate unless asked.
   Encoding encode(const std::string& a, const std::optional<std::string>& b = std::nullopt,
-                  int64_t max_length = 0) const {
+                  int64_t max_length = 0) const override {
     auto first = tokenize_ids(a);
     std::vector<int64_t> second;
     if (b) second = tokenize_ids(*b);
     const int64_t specials = b ? 3 : 2;
-    if (max_length > 0) {
-      TORCH_CHECK(max_length >= specials, "WordPieceTokenizer: max_length ", max_length, " leaves no room for the ",
-                  specials, " special tokens");
-      while (static_cast<int64_t>(first.size() + second.size()) + specials > max_length) {
-        if (!b || first.size() > second.size()) {
-          first.pop_back();
-        } else {
-          second.pop_back();
-        }
-      }
-    }
+    truncate_longest_first(first, b ? &second : nullptr, specials, max_length, who());
     Encoding encoding;
     encoding.input_ids.reserve(first.size() + second.size() + specials);
     encoding.input_ids.push_back(cls_);
@@ -177,50 +148,10 @@ class WordPieceTokenizer {
     return encoding;
   }
 
-  /// Pads encodings into int64 tensors: to the longest row, or to `max_length`.
-  BatchEncoding pad(const std::vector<Encoding>& encodings, Padding padding = Padding::kLongest,
-                    int64_t max_length = 0) const {
-    TORCH_CHECK(!encodings.empty(), "WordPieceTokenizer: cannot pad an empty batch");
-    TORCH_CHECK(padding != Padding::kMaxLength || max_length > 0,
-                "WordPieceTokenizer: padding to max_length needs max_length > 0 (got ", max_length, ")");
-    int64_t longest = 0;
-    for (const auto& encoding : encodings) longest = std::max<int64_t>(longest, encoding.input_ids.size());
-    const int64_t length = padding == Padding::kLongest ? longest : max_length;
-    TORCH_CHECK(longest <= length, "WordPieceTokenizer: a row has ", longest, " tokens, more than max_length ",
-                length);
-    const auto rows = static_cast<int64_t>(encodings.size());
-    BatchEncoding batch{at::full({rows, length}, pad_, at::kLong), at::zeros({rows, length}, at::kLong),
-                        at::zeros({rows, length}, at::kLong)};
-    auto ids = batch.input_ids.accessor<int64_t, 2>();
-    auto mask = batch.attention_mask.accessor<int64_t, 2>();
-    auto types = batch.token_type_ids.accessor<int64_t, 2>();
-    for (int64_t r = 0; r < rows; ++r) {
-      const auto& encoding = encodings[static_cast<size_t>(r)];
-      TORCH_CHECK(encoding.token_type_ids.size() == encoding.input_ids.size(), "WordPieceTokenizer: row ", r,
-                  " has ", encoding.input_ids.size(), " input ids but ", encoding.token_type_ids.size(),
-                  " token type ids");
-      for (size_t c = 0; c < encoding.input_ids.size(); ++c) {
-        ids[r][static_cast<int64_t>(c)] = encoding.input_ids[c];
-        mask[r][static_cast<int64_t>(c)] = 1;
-        types[r][static_cast<int64_t>(c)] = encoding.token_type_ids[c];
-      }
-    }
-    return batch;
-  }
-
-  /// Encodes and pads single sentences, truncated to `max_length` tokens when it is > 0.
-  BatchEncoding encode_batch(const std::vector<std::string>& texts, int64_t max_length = 0,
-                             Padding padding = Padding::kLongest) const {
-    std::vector<Encoding> encodings;
-    encodings.reserve(texts.size());
-    for (const auto& text : texts) encodings.push_back(encode(text, std::nullopt, max_length));
-    return pad(encodings, padding, max_length);
-  }
-
   /// Text of `ids`: pieces joined with "##" continuations glued, special tokens skipped (by
   /// default), spaces before punctuation and English contractions removed as transformers'
   /// `clean_up_tokenization_spaces` does.
-  std::string decode(const std::vector<int64_t>& ids, bool skip_special_tokens = true) const {
+  std::string decode(const std::vector<int64_t>& ids, bool skip_special_tokens = true) const override {
     std::string text;
     for (const auto id : ids) {
       if (skip_special_tokens && (id == pad_ || id == cls_ || id == sep_ || id == mask_ || id == unk_)) continue;
@@ -241,6 +172,11 @@ class WordPieceTokenizer {
     }
     return text;
   }
+
+  std::string kind() const override { return "WordPiece"; }
+
+ protected:
+  const char* who() const override { return "WordPieceTokenizer"; }
 
  private:
   struct ViewHash {

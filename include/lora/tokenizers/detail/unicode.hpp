@@ -82,6 +82,30 @@ inline bool is_cjk(char32_t cp) {
          (cp >= 0xF900 && cp <= 0xFAFF) || (cp >= 0x2F800 && cp <= 0x2FA1F);
 }
 
+/// `\p{L}`: categories Lu, Ll, Lt, Lm, Lo.
+inline bool is_letter(char32_t cp) {
+  if (cp < 0x80) return (cp >= 'a' && cp <= 'z') || (cp >= 'A' && cp <= 'Z');
+  const auto c = category(cp);
+  return c >= UTF8PROC_CATEGORY_LU && c <= UTF8PROC_CATEGORY_LO;
+}
+
+/// `\p{N}`: categories Nd, Nl, No.
+inline bool is_number(char32_t cp) {
+  if (cp < 0x80) return cp >= '0' && cp <= '9';
+  const auto c = category(cp);
+  return c >= UTF8PROC_CATEGORY_ND && c <= UTF8PROC_CATEGORY_NO;
+}
+
+/// `\s` of Python's `regex` module (GPT-2's pre-tokenizer): the Unicode White_Space property.
+inline bool is_white_space(char32_t cp) {
+  return (cp >= 0x09 && cp <= 0x0D) || cp == 0x20 || cp == 0x85 || cp == 0xA0 || cp == 0x1680 ||
+         (cp >= 0x2000 && cp <= 0x200A) || cp == 0x2028 || cp == 0x2029 || cp == 0x202F || cp == 0x205F ||
+         cp == 0x3000;
+}
+
+/// Python's `str.isspace()` (what `str.strip()` removes): White_Space plus U+001C..U+001F.
+inline bool is_python_space(char32_t cp) { return is_white_space(cp) || (cp >= 0x1C && cp <= 0x1F); }
+
 /// Characters Python's str.split() splits on that survive BERT's cleaning (line and paragraph
 /// separators, categories Zl/Zp).
 inline bool splits_words(char32_t cp) { return cp == ' ' || cp == 0x2028 || cp == 0x2029; }
