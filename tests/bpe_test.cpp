@@ -232,6 +232,28 @@ TEST_F(BpeTest, TokenizerJsonGivesTheSameTokenizer) {
   std::ofstream(path("dropout.json")) << json.dump();
   LORA_EXPECT_THROWS_WITH(lora::tokenizers::tokenizer_from_json_file(path("dropout.json")), "BPE dropout is not supported");
   json = bpe.tokenizer_json(false);
+  json["model"]["ignore_merges"] = true;
+  std::ofstream(path("ignore.json")) << json.dump();
+  LORA_EXPECT_THROWS_WITH(lora::tokenizers::tokenizer_from_json_file(path("ignore.json")),
+                          "BPE model setting 'ignore_merges' = true is not supported");
+  json = bpe.tokenizer_json(false);
+  json["post_processor"] = {{"type", "ByteLevel"}};  // GPT-2's: no <s> </s>, which encode() would add
+  std::ofstream(path("gpt2.json")) << json.dump();
+  LORA_EXPECT_THROWS_WITH(lora::tokenizers::tokenizer_from_json_file(path("gpt2.json")),
+                          "post_processor 'ByteLevel' is not supported with BPE");
+  json = bpe.tokenizer_json(false);
+  json["added_tokens"][0]["lstrip"] = "yes";
+  std::ofstream(path("typed.json")) << json.dump();
+  LORA_EXPECT_THROWS_WITH(lora::tokenizers::tokenizer_from_json_file(path("typed.json")),
+                          "'lstrip' has a value of the wrong type (got \"yes\")");
+  // Files written by tokenizers before 0.9 (roberta-base's, bert-base-uncased's) have no model
+  // type: the fields tell.
+  json = bpe.tokenizer_json(true);
+  json["model"].erase("type");
+  std::ofstream(path("untyped.json")) << json.dump();
+  EXPECT_EQ(lora::tokenizers::tokenizer_from_json_file(path("untyped.json"))->encode("hello world").input_ids,
+            slow.encode("hello world").input_ids);
+  json = bpe.tokenizer_json(false);
   json["model"]["type"] = "Unigram";
   std::ofstream(path("unigram.json")) << json.dump();
   LORA_EXPECT_THROWS_WITH(lora::tokenizers::tokenizer_from_json_file(path("unigram.json")),
@@ -248,10 +270,16 @@ TEST_F(BpeTest, TokenizerJsonGivesTheSameTokenizer) {
         {"normalizer", {{"type", "BertNormalizer"}, {"clean_text", true}, {"handle_chinese_chars", true},
                         {"strip_accents", nullptr}, {"lowercase", lowercase}}},
         {"pre_tokenizer", {{"type", "BertPreTokenizer"}}},
-        {"post_processor", {{"type", "TemplateProcessing"}}},
+        {"post_processor",
+         {{"type", "TemplateProcessing"},
+          {"single", {{{"SpecialToken", {{"id", "[CLS]"}, {"type_id", 0}}}},
+                      {{"Sequence", {{"id", "A"}, {"type_id", 0}}}},
+                      {{"SpecialToken", {{"id", "[SEP]"}, {"type_id", 0}}}}}}}},
         {"model", {{"type", "WordPiece"}, {"unk_token", "[UNK]"}, {"continuing_subword_prefix", "##"},
                    {"max_input_chars_per_word", 100}, {"vocab", table}}}};
-    std::ofstream(path("wordpiece.json")) << wordpiece.dump();
+    auto untyped = wordpiece;
+    if (lowercase) untyped["model"].erase("type");  // the pre-0.9 layout, once
+    std::ofstream(path("wordpiece.json")) << untyped.dump();
     const auto fast = lora::tokenizers::tokenizer_from_json_file(path("wordpiece.json"));
     lora::tokenizers::WordPieceOptions options;
     options.lowercase = lowercase;
@@ -260,6 +288,19 @@ TEST_F(BpeTest, TokenizerJsonGivesTheSameTokenizer) {
     for (const std::string text : {"The films is GREAT!", "Caf\xc3\xa9 [MASK] films"}) {
       EXPECT_EQ(fast->encode(text).input_ids, slow_wordpiece.encode(text).input_ids) << text << " lowercase " << lowercase;
     }
+    // tokenizer_config.json's do_lower_case wins over the file's normalizer, as in transformers.
+    const auto overridden = lora::tokenizers::tokenizer_from_json_file(path("wordpiece.json"), {{"do_lower_case", !lowercase}});
+    EXPECT_EQ(overridden->tokenize_ids("Great"), std::vector<int64_t>{lowercase ? 11 : 9});
+    auto extra = wordpiece;
+    extra["added_tokens"] = {{{"id", 15}, {"content", "[NEW]"}, {"special", true}}};
+    std::ofstream(path("extra.json")) << extra.dump();
+    LORA_EXPECT_THROWS_WITH(lora::tokenizers::tokenizer_from_json_file(path("extra.json")),
+                            "added token '[NEW]' is not supported with WordPiece");
+    auto shifted = wordpiece;
+    shifted["post_processor"]["single"].erase(0);
+    std::ofstream(path("shifted.json")) << shifted.dump();
+    LORA_EXPECT_THROWS_WITH(lora::tokenizers::tokenizer_from_json_file(path("shifted.json")),
+                            "post_processor template '$A [SEP]' is not supported (expected [CLS] $A [SEP])");
   }
 }
 
@@ -278,6 +319,24 @@ TEST_F(BpeTest, FoldersOpenWithTheTokenizerTheyShip) {
   std::ofstream(path("cased/vocab.txt")) << "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nGreat\ngreat\n";
   std::ofstream(path("cased/tokenizer_config.json")) << R"({"do_lower_case": false})";
   EXPECT_EQ(lora::tokenizers::load_tokenizer(path("cased"))->tokenize_ids("Great"), std::vector<int64_t>{5});
+  // Added tokens of tokenizer_config.json (transformers >= 4.34): split out with their flags,
+  // new ones appended to the vocabulary; non-special ones survive decode.
+  const auto size = static_cast<int64_t>(bpe.tokens.size());
+  nlohmann::json decoder;
+  decoder[std::to_string(size - 1)] = {{"content", "<mask>"}, {"lstrip", true}, {"rstrip", false}, {"special", true}};
+  decoder[std::to_string(size)] = {{"content", "<new>"}, {"lstrip", false}, {"rstrip", true}, {"special", false}};
+  std::ofstream(dir_ / "bpe" / "tokenizer_config.json") << nlohmann::json{{"added_tokens_decoder", decoder}}.dump();
+  const auto added = lora::tokenizers::load_tokenizer(path("bpe"));
+  EXPECT_EQ(added->vocab_size(), size + 1);
+  const auto ids = added->encode("hello <new>   world <mask>").input_ids;
+  EXPECT_EQ(ids, (std::vector<int64_t>{0, added->token_to_id("hell"), added->token_to_id("o"), added->token_to_id(byte_char(' ')),
+                                       size, added->token_to_id("w"), added->token_to_id("or"), added->token_to_id("ld"),
+                                       size - 1, 2}));  // <new> strips the spaces after it, <mask> the one before
+  EXPECT_EQ(added->decode(ids), "hello <new>world");
+  decoder[std::to_string(size + 5)] = {{"content", "<far>"}};
+  std::ofstream(dir_ / "bpe" / "tokenizer_config.json") << nlohmann::json{{"added_tokens_decoder", decoder}}.dump();
+  LORA_EXPECT_THROWS_WITH(lora::tokenizers::load_tokenizer(path("bpe")),
+                          "added token '<far>' has id " + std::to_string(size + 5));
   fs::create_directories(path("empty"));
   LORA_EXPECT_THROWS_WITH(lora::tokenizers::load_tokenizer(path("empty")), "has no tokenizer files");
   std::ofstream(path("cased/tokenizer_config.json")) << R"({"do_lower_case": "no"})";
@@ -301,7 +360,8 @@ TEST(BpeGolden, EveryLineMatchesRobertaTokenizer) {
   }
   nlohmann::json added = nlohmann::json::array();
   for (const auto* special : {"<s>", "<pad>", "</s>", "<unk>", "<mask>"}) {
-    added.push_back({{"id", vocab[special]}, {"content", special}, {"lstrip", std::string(special) == "<mask>"}});
+    added.push_back({{"id", vocab[special]}, {"content", special}, {"lstrip", std::string(special) == "<mask>"},
+                     {"special", true}});
   }
   const auto json_file = fs::temp_directory_path() / ("lora-bpe-golden-" + std::to_string(::getpid()) + ".json");
   std::ofstream(json_file) << nlohmann::json{

@@ -217,6 +217,16 @@ TEST_F(FamiliesTest, CheckpointsOfOtherShapesAndFamiliesAreRefusedByName) {
   fs::create_directories(path("gpt2"));
   std::ofstream(path("gpt2/config.json")) << R"({"model_type": "gpt2"})";
   LORA_EXPECT_THROWS_WITH(load_sequence_classifier(path("gpt2")), "'gpt2' model; supported model types: bert, distilbert, roberta");
+  // id2label decides the label count, as in transformers (which only warns about num_labels).
+  auto json = nlohmann::json::parse(tiny_roberta().to_json().dump());
+  json["id2label"] = {{"0", "negative"}, {"1", "neutral"}, {"2", "positive"}};
+  json["num_labels"] = 2;
+  EXPECT_EQ(RobertaConfig::from_json(json).num_labels, 3);
+  json["id2label"] = {{"0", "negative"}, {"5", "positive"}};
+  LORA_EXPECT_THROWS_WITH(RobertaConfig::from_json(json, "c.json"), "c.json: BertConfig: id2label has id 5 ('positive') outside [0, 2)");
+  json.erase("id2label");
+  json["initializer_range"] = -1;
+  LORA_EXPECT_THROWS_WITH(RobertaConfig::from_json(json), "initializer_range must be > 0 (got -1)");
   // Tensors: a missing one and a wrong shape are named.
   const auto tensors = read_checkpoint_tensors(path("distilbert"));
   DistilBertForSequenceClassification fresh(tiny_distilbert());

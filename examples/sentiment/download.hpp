@@ -145,23 +145,33 @@ inline std::string fetch_hf_model(const std::string& repo, const std::string& re
   auto get = [&](const std::string& file) {
     if (!have(file)) detail::fetch(url(file), folder / file);
   };
-  auto offered = [&](const std::string& file) { return have(file) || detail::http_status(url(file)) == 200; };
-  const bool first_time = !have("config.json");
+  auto offered = [&](const std::string& file) { return detail::http_status(url(file)) == 200; };
   get("config.json");
   // The tokenizer: BERT and DistilBERT ship vocab.txt, RoBERTa vocab.json + merges.txt; some
-  // folders only tokenizer.json.
-  if (offered("vocab.txt")) {
-    get("vocab.txt");
-  } else if (offered("vocab.json") && offered("merges.txt")) {
-    get("vocab.json");
-    get("merges.txt");
-  } else {
-    TORCH_CHECK(offered("tokenizer.json"), "download: ", repo,
-                " has no tokenizer files (vocab.txt, vocab.json + merges.txt or tokenizer.json)");
-    get("tokenizer.json");
+  // folders only tokenizer.json. A folder that has one set already needs no network for it;
+  // tokenizer_config.json comes first, so that an interrupted download fetches it again.
+  const bool tokenizer_cached =
+      have("vocab.txt") || (have("vocab.json") && have("merges.txt")) || have("tokenizer.json");
+  if (!tokenizer_cached) {
+    if (offered("tokenizer_config.json")) get("tokenizer_config.json");
+    if (offered("vocab.txt")) {
+      get("vocab.txt");
+    } else if (offered("vocab.json") && offered("merges.txt")) {
+      get("vocab.json");
+      get("merges.txt");
+    } else {
+      TORCH_CHECK(offered("tokenizer.json"), "download: ", repo,
+                  " has no tokenizer files (vocab.txt, vocab.json + merges.txt or tokenizer.json)");
+      get("tokenizer.json");
+    }
   }
-  if (first_time && detail::http_status(url("tokenizer_config.json")) == 200) get("tokenizer_config.json");
-  get("model.safetensors");
+  if (!have("model.safetensors")) {
+    TORCH_CHECK(offered("model.safetensors"), "download: ", repo, " has no model.safetensors at revision '", revision,
+                "'", offered("pytorch_model.bin") ? " (only pytorch_model.bin, which LibTorch cannot read: convert it "
+                                                    "to safetensors with Python, see docs/bert.md)"
+                                                  : "");
+    get("model.safetensors");
+  }
   return folder.string();
 }
 

@@ -97,16 +97,26 @@ lora::LoraConfig adapter_config(const LoraFlags& flags, const std::string& base,
 }
 
 /// Loads a model folder of any supported family with its tokenizer, and checks that the
-/// tokenizer's ids fit the model.
+/// tokenizer and the model have the same vocabulary size (a wrong vocabulary file otherwise
+/// goes unnoticed until its ids index the wrong embeddings).
 std::pair<lora::models::SequenceClassifier, std::shared_ptr<lora::tokenizers::Tokenizer>> load_model(
     const std::string& folder) {
   TORCH_CHECK(fs::is_directory(folder), "model folder '", folder, "' does not exist");
   auto tokenizer = lora::tokenizers::load_tokenizer(folder);
   auto model = lora::models::load_sequence_classifier(folder);
-  TORCH_CHECK(tokenizer->vocab_size() <= model.vocab_size(), "the tokenizer of '", folder, "' has ",
-              tokenizer->vocab_size(), " tokens but the model's vocab_size is ", model.vocab_size());
+  TORCH_CHECK(tokenizer->vocab_size() == model.vocab_size(), "the ", tokenizer->kind(), " tokenizer of '", folder,
+              "' has ", tokenizer->vocab_size(), " tokens but the model's vocab_size is ", model.vocab_size());
   model.module().eval();
   return {model, tokenizer};
+}
+
+/// train and eval measure binary sentiment (label 0 negative, 1 positive); a model with other
+/// labels (cardiffnlp's negative/neutral/positive) would be scored wrongly, so it is refused.
+void require_binary(const lora::models::SequenceClassifier& model, const std::string& folder) {
+  std::string names;
+  for (const auto& [id, label] : model.id2label()) names += (names.empty() ? "" : ", ") + std::to_string(id) + " " + label;
+  TORCH_CHECK(model.num_labels() == 2, "'", folder, "' classifies into ", model.num_labels(), " labels (", names,
+              "); train and eval need a binary model (0 negative, 1 positive). predict works with any labels");
 }
 
 std::string folder_name(const std::string& path) {
@@ -277,6 +287,7 @@ int run_train(const TrainFlags& flags) {
   }
   TORCH_CHECK(!train_path.empty() && !dev_path.empty(), "give --data DIR, or both --train FILE and --dev FILE");
   auto [model, tokenizer_ptr] = load_model(flags.model);
+  require_binary(model, flags.model);
   const auto& tokenizer = *tokenizer_ptr;
   const auto train_examples = read_split(train_path).examples;
   const auto dev_examples = read_split(dev_path).examples;
@@ -354,6 +365,7 @@ int run_train(const TrainFlags& flags) {
 int run_eval(const std::string& model_folder, const std::string& identity, const std::string& adapter,
              const std::string& data, int64_t batch, bool force) {
   auto [model, tokenizer] = load_model(model_folder);
+  require_binary(model, model_folder);
   if (!adapter.empty()) attach_adapter(model, adapter, identity, force);
   const auto examples = read_split(data).examples;
   lora::data::BatcherOptions batching;

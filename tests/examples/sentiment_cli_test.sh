@@ -92,7 +92,7 @@ expect_error "--resume: no checkpoint in" train "${common[@]}" --out "$work/noth
 printf '[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n' > "$work/small-vocab.txt"
 mkdir -p "$work/mismatch" && cp "$backbone"/config.json "$backbone"/model.safetensors "$work/mismatch/" \
   && cp "$work/small-vocab.txt" "$work/mismatch/vocab.txt"
-expect_error "vocab.txt of '$work/mismatch' has 5 tokens but the model's vocab_size is" predict --model "$work/mismatch" "x"
+expect_error "the WordPiece tokenizer of '$work/mismatch' has 5 tokens but the model's vocab_size is" predict --model "$work/mismatch" "x"
 # --hf-model: download from a local stand-in hub (HF_ENDPOINT), resuming a partial file.
 hub="$work/hub/test-org/tiny-bert/resolve/main"
 mkdir -p "$hub"

@@ -65,6 +65,41 @@ for family in distilbert roberta; do
     || fail "$family: merged and adapter probabilities differ: $with_adapter vs $merged"
 done
 
+# A three-label model (cardiffnlp's negative/neutral/positive layout): train and eval refuse it,
+# predict names its labels. Made from the tiny RoBERTa without its head (initialised on load).
+three="$work/three-labels"
+mkdir -p "$three" && cp "$families/roberta-tiny/model"/{vocab.json,merges.txt,tokenizer_config.json} "$three/"
+python3 - "$families/roberta-tiny/model" "$three" <<'PY'
+import json, struct, sys
+src, dst = sys.argv[1], sys.argv[2]
+config = json.load(open(src + "/config.json"))
+config["id2label"] = {"0": "negative", "1": "neutral", "2": "positive"}
+config["label2id"] = {"negative": 0, "neutral": 1, "positive": 2}
+json.dump(config, open(dst + "/config.json", "w"), indent=2)
+data = open(src + "/model.safetensors", "rb").read()
+n = struct.unpack("<Q", data[:8])[0]
+header = json.loads(data[8:8 + n])
+body, out, offset = data[8 + n:], {}, 0
+chunks = []
+for name, info in sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0]):
+    if name.startswith("classifier."):
+        continue
+    begin, end = info["data_offsets"]
+    chunks.append(body[begin:end])
+    out[name] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [offset, offset + end - begin]}
+    offset += end - begin
+out["__metadata__"] = {"format": "pt"}
+text = json.dumps(out).encode()
+text += b" " * (-len(text) % 8)
+open(dst + "/model.safetensors", "wb").write(struct.pack("<Q", len(text)) + text + b"".join(chunks))
+PY
+if "$bin" train --model "$three" --train "$work/easy.tsv" --dev "$work/easy-dev.tsv" --out "$work/three-run" > "$work/three.txt" 2>&1; then
+  fail "train accepted a three-label model"
+fi
+grep -q "classifies into 3 labels (0 negative, 1 neutral, 2 positive); train and eval need a binary model" "$work/three.txt" \
+  || fail "three labels: $(cat "$work/three.txt")"
+"$bin" predict --model "$three" "the film was good" 2>/dev/null | grep -Eq $'^(negative|neutral|positive)\t' || fail "predict on three labels"
+
 # --hf-model for a RoBERTa folder (no vocab.txt on the hub: vocab.json + merges.txt are fetched).
 hub="$work/hub/test-org/tiny-roberta/resolve/main"
 mkdir -p "$hub"

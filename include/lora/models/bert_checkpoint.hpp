@@ -15,8 +15,8 @@ namespace lora::models {
 
 /// BERT's names: `bert.`, the `classifier`, pretraining heads `cls.*` and the old
 /// `position_ids` buffer ignored.
-inline CheckpointLayout bert_layout() {
-  return {"BERT", "bert.", {"classifier."}, {"cls."}, {"embeddings.position_ids"}, 0.02};
+inline CheckpointLayout bert_layout(const BertConfig& config) {
+  return {"BERT", "bert.", {"classifier."}, {"cls."}, {"embeddings.position_ids"}, config.initializer_range};
 }
 
 /// Initialises weights as transformers' `BertPreTrainedModel._init_weights` does (see
@@ -35,7 +35,7 @@ inline void init_bert_weights(torch::nn::Module& model, double initializer_range
 inline LoadReport load_bert_state(BertForSequenceClassificationImpl& model,
                                   const torch::OrderedDict<std::string, at::Tensor>& checkpoint,
                                   const LoadOptions& options = {}, const std::string& where = "checkpoint") {
-  return load_checkpoint_state(model, checkpoint, bert_layout(), options, where);
+  return load_checkpoint_state(model, checkpoint, bert_layout(model.config), options, where);
 }
 
 /// Loads a Hugging Face BERT folder (config.json + model.safetensors) as

@@ -31,6 +31,8 @@ struct BertConfig {
   int64_t max_position_embeddings = 512;
   int64_t type_vocab_size = 2;
   double layer_norm_eps = 1e-12;
+  /// σ of transformers' normal initialisation (used for a head the checkpoint lacks).
+  double initializer_range = 0.02;
   int64_t pad_token_id = 0;
   int64_t num_labels = 2;
   /// Label names by id (`id2label`), e.g. {0: "negative", 1: "positive"}; may be empty.
@@ -57,6 +59,7 @@ struct BertConfig {
     detail::check_probability("BertConfig", "attention_probs_dropout_prob", attention_probs_dropout_prob);
     detail::check_probability("BertConfig", "classifier_dropout", classifier_dropout.value_or(0.0));
     TORCH_CHECK(layer_norm_eps > 0, "BertConfig: layer_norm_eps must be > 0 (got ", layer_norm_eps, ")");
+    TORCH_CHECK(initializer_range > 0, "BertConfig: initializer_range must be > 0 (got ", initializer_range, ")");
     TORCH_CHECK(pad_token_id >= 0 && pad_token_id < vocab_size, "BertConfig: pad_token_id ", pad_token_id,
                 " is outside the vocabulary (size ", vocab_size, ")");
     detail::check_labels("BertConfig", id2label, num_labels);
@@ -89,6 +92,7 @@ struct BertConfig {
     read.number("hidden_dropout_prob", hidden_dropout_prob);
     read.number("attention_probs_dropout_prob", attention_probs_dropout_prob);
     read.number("layer_norm_eps", layer_norm_eps);
+    read.number("initializer_range", initializer_range);
     read.number("classifier_dropout", classifier_dropout);
     read.string("hidden_act", hidden_act);
     read.require_value("position_embedding_type", "absolute");
@@ -105,7 +109,7 @@ struct BertConfig {
     json["hidden_dropout_prob"] = hidden_dropout_prob;
     json["hidden_size"] = hidden_size;
     detail::write_labels(json, id2label);
-    json["initializer_range"] = 0.02;
+    json["initializer_range"] = initializer_range;
     json["intermediate_size"] = intermediate_size;
     json["layer_norm_eps"] = layer_norm_eps;
     json["max_position_embeddings"] = max_position_embeddings;

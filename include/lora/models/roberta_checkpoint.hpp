@@ -15,19 +15,19 @@ namespace lora::models {
 
 /// RoBERTa's names: `roberta.`, the head `classifier.{dense,out_proj}`; the masked-LM head
 /// (`lm_head`), a pooler (sequence classification has none) and old buffers ignored.
-inline CheckpointLayout roberta_layout() {
+inline CheckpointLayout roberta_layout(const RobertaConfig& config) {
   return {"RoBERTa",
           "roberta.",
           {"classifier."},
           {"lm_head.", "roberta.pooler."},
           {"embeddings.position_ids", "embeddings.token_type_ids"},
-          0.02};
+          config.initializer_range};
 }
 
 inline LoadReport load_roberta_state(RobertaForSequenceClassificationImpl& model,
                                      const torch::OrderedDict<std::string, at::Tensor>& checkpoint,
                                      const LoadOptions& options = {}, const std::string& where = "checkpoint") {
-  return load_checkpoint_state(model, checkpoint, roberta_layout(), options, where);
+  return load_checkpoint_state(model, checkpoint, roberta_layout(model.config), options, where);
 }
 
 /// Loads a Hugging Face RoBERTa folder as `RobertaForSequenceClassification` (float32, CPU).

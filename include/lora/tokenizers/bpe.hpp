@@ -31,8 +31,9 @@ namespace lora::tokenizers {
 /// A token cut out of the text before BPE (`<s>`, `<mask>`, ...), as transformers' AddedToken.
 struct SpecialToken {
   std::string content;
-  bool lstrip = false;  ///< the text before it loses its trailing whitespace
-  bool rstrip = false;  ///< the text after it loses its leading whitespace
+  bool lstrip = false;   ///< the text before it loses its trailing whitespace
+  bool rstrip = false;   ///< the text after it loses its leading whitespace
+  bool special = true;   ///< skipped by `decode(ids, skip_special_tokens = true)`
 };
 
 /// The special tokens' roles (their contents must be vocabulary tokens).
@@ -186,20 +187,30 @@ class ByteLevelBpeTokenizer : public Tokenizer {
   /// after the last newline; a line holds two tokens separated by whitespace.
   static ByteLevelBpeTokenizer from_files(const std::string& vocab_json, const std::string& merges_txt,
                                           BpeOptions options = {}) {
-    std::ifstream vocab_in(vocab_json, std::ios::binary);
-    TORCH_CHECK(vocab_in, "ByteLevelBpeTokenizer: cannot open vocabulary '", vocab_json, "'");
+    auto tokens = read_vocabulary(vocab_json);  // first: its errors come first
+    return ByteLevelBpeTokenizer(std::move(tokens), read_merges(merges_txt), std::move(options), "'" + vocab_json + "'");
+  }
+
+  /// `vocab.json` as tokens by id.
+  static std::vector<std::string> read_vocabulary(const std::string& vocab_json) {
+    std::ifstream in(vocab_json, std::ios::binary);
+    TORCH_CHECK(in, "ByteLevelBpeTokenizer: cannot open vocabulary '", vocab_json, "'");
     nlohmann::json vocab;
     try {
-      vocab_in >> vocab;
+      in >> vocab;
     } catch (const nlohmann::json::exception& error) {
       TORCH_CHECK(false, "ByteLevelBpeTokenizer: invalid JSON in '", vocab_json, "': ", error.what());
     }
-    std::ifstream merges_in(merges_txt, std::ios::binary);
-    TORCH_CHECK(merges_in, "ByteLevelBpeTokenizer: cannot open merges '", merges_txt, "'");
+    return vocabulary_from_json(vocab, "'" + vocab_json + "'");
+  }
+
+  /// `merges.txt`'s pairs in rank order (see `merges_from_text`).
+  static std::vector<Merge> read_merges(const std::string& merges_txt) {
+    std::ifstream in(merges_txt, std::ios::binary);
+    TORCH_CHECK(in, "ByteLevelBpeTokenizer: cannot open merges '", merges_txt, "'");
     std::stringstream text;
-    text << merges_in.rdbuf();
-    return ByteLevelBpeTokenizer(vocabulary_from_json(vocab, "'" + vocab_json + "'"), merges_from_text(text.str()),
-                                 std::move(options), "'" + vocab_json + "'");
+    text << in.rdbuf();
+    return merges_from_text(text.str());
   }
 
   /// `tokens[id]` is the token of id `id`; `merges` in rank order (a pair listed twice keeps
@@ -366,8 +377,9 @@ class ByteLevelBpeTokenizer : public Tokenizer {
   static constexpr size_t kCacheLimit = 1 << 16;
 
   bool is_special(int64_t id) const {
-    for (const auto special : state_->special_ids) {
-      if (special == id) return true;
+    const auto& split = state_->options.split_tokens;
+    for (size_t s = 0; s < split.size(); ++s) {
+      if (state_->special_ids[s] == id) return split[s].special;
     }
     return id == bos_ || id == eos_ || id == pad_ || id == unk_ || id == mask_;
   }

@@ -59,7 +59,8 @@ class ConfigReader {
   }
 
   /// `id2label` (string keys holding integers) and `num_labels`, as transformers reads them:
-  /// id2label sets the label count; an explicit num_labels wins.
+  /// id2label, when present, sets the label count (transformers only warns about a different
+  /// `num_labels` next to it, and keeps id2label).
   void labels(std::map<int64_t, std::string>& id2label, int64_t& num_labels) const {
     if (has("id2label")) {
       TORCH_CHECK(json_["id2label"].is_object(), where_, ": 'id2label' must be an object (got ",
@@ -77,6 +78,7 @@ class ConfigReader {
         id2label[id] = value.get<std::string>();
       }
       num_labels = static_cast<int64_t>(id2label.size());
+      return;
     }
     integer("num_labels", num_labels);
   }
