@@ -271,6 +271,8 @@ struct TrainFlags {
   bool merge = false;
   bool resume = false;
   int64_t stop_after = 0;
+  int64_t checkpoint_every = 0;
+  bool skip_nonfinite = false;
 };
 
 lora::data::Examples read_split(const std::string& path) {
@@ -334,6 +336,8 @@ int run_train(const TrainFlags& flags) {
   training.checkpoint_dir = (fs::path(flags.out) / "checkpoint").string();
   training.resume = flags.resume;
   training.stop_after = flags.stop_after;
+  training.checkpoint_every = flags.checkpoint_every;
+  training.skip_nonfinite = flags.skip_nonfinite;
   training.interrupt = &interrupted;
   std::signal(SIGINT, on_interrupt);
   auto save_best = [&](int64_t) {
@@ -345,6 +349,7 @@ int run_train(const TrainFlags& flags) {
   };
   const auto result = sentiment::train(model, train_set, dev, training, save_best);
   if (result.interrupted) return 130;
+  if (result.skipped > 0) std::cout << result.skipped << " step(s) skipped for a non-finite loss or gradient\n";
   std::ofstream(fs::path(flags.out) / "learning_curve.svg")
       << sentiment::learning_curve_svg(result.history, "lora-sentiment: " + flags.mode);
   std::cout << std::fixed << std::setprecision(4) << "best dev accuracy " << result.best.accuracy << " (F1 "
@@ -451,7 +456,13 @@ int main(int argc, char** argv) {
   train_cmd->add_option("--eval-every", train.eval_every, "evaluate every N steps (0: each epoch)")
       ->check(CLI::NonNegativeNumber);
   train_cmd->add_flag("--merge", train.merge, "also write a merged Hugging Face folder (out/merged)");
-  train_cmd->add_flag("--resume", train.resume, "continue the run interrupted (Ctrl-C) in --out");
+  train_cmd->add_flag("--resume", train.resume,
+                      "continue the run in --out from its last checkpoint (Ctrl-C, or --checkpoint-every before a kill)");
+  train_cmd->add_option("--checkpoint-every", train.checkpoint_every,
+                        "also write a checkpoint every N steps, so that a killed run resumes (0: only on Ctrl-C)")
+      ->check(CLI::NonNegativeNumber);
+  train_cmd->add_flag("--skip-nonfinite", train.skip_nonfinite,
+                      "skip a step whose loss or gradient is NaN/Inf (default: stop with an error naming the step)");
   train_cmd->add_option("--stop-after", train.stop_after, "stop as if interrupted after N steps (testing)")
       ->check(CLI::NonNegativeNumber)->group("");
 

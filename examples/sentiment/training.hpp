@@ -22,6 +22,7 @@
 #include <nlohmann/json.hpp>
 
 #include <lora/data/batcher.hpp>
+#include <lora/detail/atomic_file.hpp>
 #include <lora/inject.hpp>
 #include <lora/models/auto.hpp>
 #include <torch/torch.h>
@@ -80,6 +81,12 @@ struct TrainOptions {
   int64_t stop_after = 0;
   /// Set asynchronously (Ctrl-C): the loop saves a checkpoint after the current step and stops.
   const std::atomic<bool>* interrupt = nullptr;
+  /// Also write a checkpoint every this many steps (0: only when interrupted), so that a run
+  /// killed outright (SIGKILL, power loss) resumes from the last one.
+  int64_t checkpoint_every = 0;
+  /// A step whose loss or gradient is not finite is skipped (with a notice) instead of
+  /// stopping the run with an error naming the step.
+  bool skip_nonfinite = false;
 };
 
 /// One row of metrics.jsonl.
@@ -96,6 +103,7 @@ struct TrainResult {
   double seconds = 0;
   bool interrupted = false;  ///< stopped early; a checkpoint was written
   int64_t steps = 0;         ///< steps done (in total, over resumed runs)
+  int64_t skipped = 0;       ///< steps skipped for a non-finite loss or gradient (this run)
 };
 
 namespace detail {
@@ -103,6 +111,15 @@ namespace detail {
 inline nlohmann::json metrics_json(const Metrics& m) {
   return {{"accuracy", m.accuracy}, {"f1", m.f1}, {"loss", m.loss}, {"tp", m.true_positive},
           {"fp", m.false_positive}, {"tn", m.true_negative}, {"fn", m.false_negative}};
+}
+
+/// The 2-norm of all gradients together (what clip_grad_norm_ computes), without clipping.
+inline double gradient_norm(const std::vector<torch::Tensor>& parameters) {
+  auto total = torch::zeros({}, torch::kDouble);
+  for (const auto& parameter : parameters) {
+    if (parameter.grad().defined()) total += parameter.grad().norm().to(torch::kDouble).pow(2);  // no temporaries
+  }
+  return std::sqrt(total.item<double>());
 }
 
 inline Metrics metrics_from(const nlohmann::json& j) {
@@ -118,17 +135,29 @@ inline Metrics metrics_from(const nlohmann::json& j) {
 }
 
 /// Everything a run needs to continue exactly: trainable tensors, optimizer moments, the
-/// generator (dropout draws), step, running loss, best result and history.
+/// generator (dropout draws), step, running loss, best result and history. Written as one
+/// folder, atomically (temporary folder, fsync, one rename): a run killed at any moment leaves
+/// the previous checkpoint or the new one, complete.
 struct Checkpoint {
   static void save(const std::string& dir, const std::vector<torch::Tensor>& parameters,
                    torch::optim::Optimizer& optimizer, const TrainResult& result, int64_t step, double running_loss,
                    int64_t running_count) {
-    std::filesystem::create_directories(dir);
     std::vector<torch::Tensor> values;
     for (const auto& parameter : parameters) values.push_back(parameter.detach().clone());
-    torch::save(values, dir + "/trainable.pt");
-    torch::save(optimizer, dir + "/optimizer.pt");
-    torch::save(at::detail::getDefaultCPUGenerator().get_state(), dir + "/generator.pt");
+    const auto state = state_json(result, step, running_loss, running_count);
+    lora::detail::replace_folder_atomically(
+        dir,
+        [&](const std::filesystem::path& folder) {
+          torch::save(values, (folder / "trainable.pt").string());
+          torch::save(optimizer, (folder / "optimizer.pt").string());
+          torch::save(at::detail::getDefaultCPUGenerator().get_state(), (folder / "generator.pt").string());
+          std::ofstream((folder / "state.json").string()) << state.dump(1);
+        },
+        "checkpoint", [](const std::string&) { return false; });
+  }
+
+  static nlohmann::json state_json(const TrainResult& result, int64_t step, double running_loss,
+                                   int64_t running_count) {
     nlohmann::json state = {{"step", step},
                             {"running_loss", running_loss},
                             {"running_count", running_count},
@@ -139,7 +168,7 @@ struct Checkpoint {
       state["history"].push_back({{"step", row.step}, {"epoch", row.epoch}, {"train_loss", row.train_loss},
                                   {"lr", row.lr}, {"dev", metrics_json(row.dev)}});
     }
-    std::ofstream(dir + "/state.json") << state.dump(1);
+    return state;
   }
 
   static void load(const std::string& dir, const std::vector<torch::Tensor>& parameters,
@@ -178,6 +207,17 @@ struct Checkpoint {
 };
 
 }  // namespace detail
+
+/// One line of metrics.jsonl (a non-finite value is written as null: JSON has no NaN).
+inline std::string metrics_line(const MetricRow& row) {
+  std::ostringstream out;
+  auto number = [&](double value) -> std::ostream& { return std::isfinite(value) ? out << value : out << "null"; };
+  out << "{\"step\": " << row.step << ", \"epoch\": " << row.epoch << ", \"train_loss\": ";
+  number(row.train_loss) << ", \"lr\": ";
+  number(row.lr) << ", \"dev_accuracy\": " << row.dev.accuracy << ", \"dev_f1\": " << row.dev.f1 << ", \"dev_loss\": ";
+  number(row.dev.loss) << "}\n";
+  return out.str();
+}
 
 inline std::string clock_time(double seconds) {
   const auto total = static_cast<int64_t>(std::max(0.0, seconds));
@@ -218,7 +258,12 @@ inline TrainResult train(const lora::models::SequenceClassifier& classifier, con
   const int64_t first_step = step;
   std::ofstream metrics;
   if (!options.metrics_path.empty()) {
-    metrics.open(options.metrics_path, options.resume ? std::ios::app : std::ios::trunc);
+    // A resumed run rewrites the rows its checkpoint knows: rows a killed run wrote after its
+    // last checkpoint are computed again (and identically) below.
+    lora::detail::write_file_atomically(
+        options.metrics_path, [&](std::ostream& out) { for (const auto& row : result.history) out << metrics_line(row); },
+        "metrics.jsonl");
+    metrics.open(options.metrics_path, std::ios::app);
   }
   model.train();
   for (int64_t epoch = step / per_epoch; step < total; ++epoch) {
@@ -245,13 +290,33 @@ inline TrainResult train(const lora::models::SequenceClassifier& classifier, con
       optimizer.zero_grad();
       const auto logits = classifier.forward(batch.inputs);
       const auto loss = torch::nn::functional::cross_entropy(logits, batch.labels);
-      loss.backward();
-      if (options.clip > 0) torch::nn::utils::clip_grad_norm_(parameters, options.clip);
-      optimizer.step();
+      const double loss_value = loss.item<double>();
+      double gradient_norm = 0;
+      if (std::isfinite(loss_value)) {
+        loss.backward();
+        gradient_norm = options.clip > 0 ? torch::nn::utils::clip_grad_norm_(parameters, options.clip)
+                                         : detail::gradient_norm(parameters);
+      }
+      const bool finite = std::isfinite(loss_value) && std::isfinite(gradient_norm);
+      if (!finite) {
+        TORCH_CHECK(options.skip_nonfinite, "train: step ", step + 1, " has a non-finite ",
+                    std::isfinite(loss_value) ? "gradient (norm " + std::to_string(gradient_norm) + ")"
+                                              : "loss (" + std::to_string(loss_value) + ")",
+                    "; the parameters are as after step ", step,
+                    ". Lower the learning rate, or pass --skip-nonfinite to skip such steps");
+        std::fprintf(stderr, "%sstep %lld skipped: non-finite %s\n", tty ? "\n" : "", (long long)(step + 1),
+                     std::isfinite(loss_value) ? "gradient" : "loss");
+        optimizer.zero_grad();
+        ++result.skipped;
+      } else {
+        optimizer.step();
+        examples += batch.labels.size(0);
+        running_loss += loss_value;
+        ++running_count;
+      }
       ++step;
-      examples += batch.labels.size(0);
-      running_loss += loss.item<double>();
-      ++running_count;
+      // The mean training loss since the last evaluation (0 when every step since was skipped).
+      const double mean_loss = running_count > 0 ? running_loss / static_cast<double>(running_count) : 0.0;
 
       const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       if (tty) {
@@ -259,18 +324,16 @@ inline TrainResult train(const lora::models::SequenceClassifier& classifier, con
         std::fprintf(stderr, "\r  [%s%s] %lld/%lld  loss %.4f  lr %.2e  %.0f ex/s  ETA %s   ",
                      std::string(static_cast<size_t>(filled), '#').c_str(),
                      std::string(static_cast<size_t>(24 - filled), ' ').c_str(), (long long)step, (long long)total,
-                     running_loss / running_count, lr, examples / std::max(elapsed, 1e-9),
+                     mean_loss, lr, examples / std::max(elapsed, 1e-9),
                      clock_time(elapsed / double(step - first_step) * double(total - step)).c_str());
       }
       if (step % eval_every == 0 || step == total) {
-        MetricRow row{step, double(step) / per_epoch, running_loss / running_count, lr, evaluate(classifier, dev)};
+        MetricRow row{step, double(step) / per_epoch, mean_loss, lr, evaluate(classifier, dev)};
         running_loss = 0;
         running_count = 0;
         result.history.push_back(row);
         if (metrics.is_open()) {
-          metrics << "{\"step\": " << row.step << ", \"epoch\": " << row.epoch << ", \"train_loss\": " << row.train_loss
-                  << ", \"lr\": " << row.lr << ", \"dev_accuracy\": " << row.dev.accuracy << ", \"dev_f1\": " << row.dev.f1
-                  << ", \"dev_loss\": " << row.dev.loss << "}\n";
+          metrics << metrics_line(row);
           metrics.flush();
         }
         if (options.progress) {
@@ -282,6 +345,11 @@ inline TrainResult train(const lora::models::SequenceClassifier& classifier, con
           result.best_step = step;
           if (on_best) on_best(step);
         }
+      }
+      if (options.checkpoint_every > 0 && step % options.checkpoint_every == 0 && step < total &&
+          !options.checkpoint_dir.empty()) {
+        detail::Checkpoint::save(options.checkpoint_dir, parameters, optimizer, result, step, running_loss,
+                                 running_count);
       }
     }
   }

@@ -60,6 +60,45 @@ cmp -s "$work/whole/adapter/adapter_model.safetensors" "$work/split/adapter/adap
   || fail "resumed adapter differs from the uninterrupted run"
 [ ! -d "$work/split/checkpoint" ] || fail "a finished run should remove its checkpoint"
 
+# SIGKILL at a random step: with --checkpoint-every the run resumes from its last complete
+# checkpoint and ends with the metrics and adapter bytes of an uninterrupted run.
+kill_common=(--model "$backbone" --train "$work/train.tsv" --dev "$work/dev.tsv" --steps 400 --eval-every 50
+             --batch-size 8 --lr 1e-3 --checkpoint-every 7 --threads 2)
+"$bin" train "${kill_common[@]}" --out "$work/unkilled" > /dev/null 2>&1 || fail "uninterrupted run (for the kill test) failed"
+target=$(( RANDOM % 300 + 7 ))
+"$bin" train "${kill_common[@]}" --out "$work/killed" > "$work/killed.txt" 2>&1 &
+pid=$!
+reached() { [ -f "$work/killed/checkpoint/state.json" ] && \
+  [ "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["step"])' "$work/killed/checkpoint/state.json" 2>/dev/null || echo 0)" -ge "$target" ]; }
+for _ in $(seq 1 3000); do reached && break; kill -0 "$pid" 2>/dev/null || break; sleep 0.01; done
+kill -0 "$pid" 2>/dev/null || fail "the run ended before it could be killed (target step $target)"
+kill -KILL "$pid"
+set +e
+wait "$pid"
+status=$?
+set -e
+[ "$status" -eq 137 ] || fail "SIGKILL should end the run with 137 (got $status)"
+killed_at=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["step"])' "$work/killed/checkpoint/state.json")
+"$bin" train "${kill_common[@]}" --out "$work/killed" --resume > "$work/resumed.txt" 2>&1 \
+  || { cat "$work/resumed.txt"; fail "resume after SIGKILL (checkpoint of step $killed_at) failed"; }
+grep -q "resuming at step $killed_at of 400" "$work/resumed.txt" || fail "resume did not start at step $killed_at"
+cmp -s "$work/unkilled/adapter/adapter_model.safetensors" "$work/killed/adapter/adapter_model.safetensors" \
+  || fail "the adapter after SIGKILL at step >= $target and resume differs from the uninterrupted run's"
+cmp -s "$work/unkilled/metrics.jsonl" "$work/killed/metrics.jsonl" || fail "metrics after SIGKILL and resume differ"
+echo "killed after the checkpoint of step $killed_at (target $target), resumed: adapter identical"
+
+# Non-finite losses: the run stops naming the step, or skips such steps when asked.
+if "$bin" train --model "$backbone" --train "$work/train.tsv" --dev "$work/dev.tsv" --steps 6 --batch-size 8 \
+    --lr 1e30 --out "$work/nan" > "$work/nan.txt" 2>&1; then
+  fail "a run with a non-finite loss should fail"
+fi
+grep -Eq "train: step [0-9]+ has a non-finite (loss|gradient)" "$work/nan.txt" || fail "non-finite: $(cat "$work/nan.txt")"
+"$bin" train --model "$backbone" --train "$work/train.tsv" --dev "$work/dev.tsv" --steps 6 --batch-size 8 \
+  --lr 1e30 --out "$work/nan-skip" --skip-nonfinite > "$work/nan-skip.txt" 2>&1 || fail "--skip-nonfinite run failed"
+grep -Eq "^[1-5] step\(s\) skipped for a non-finite loss or gradient" "$work/nan-skip.txt" \
+  || fail "--skip-nonfinite: $(cat "$work/nan-skip.txt")"
+grep -q '"step": 6' "$work/nan-skip/metrics.jsonl" || fail "--skip-nonfinite: the last (skipped) step was not evaluated"
+
 # Ctrl-C: a real SIGINT stops after the current step with a checkpoint.
 "$bin" train --model "$backbone" --train "$work/train.tsv" --dev "$work/dev.tsv" --steps 100000 --batch-size 8 \
   --out "$work/ctrlc" > "$work/ctrlc.txt" 2>&1 &

@@ -2,6 +2,8 @@
 
 // Small string helpers for error messages.
 
+#include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -18,6 +20,19 @@ inline bool ends_with(const std::string& text, const std::string& suffix) {
 /// True when the dotted module name `name` lies strictly inside `outer` ("a.b.c" inside "a.b").
 inline bool is_inside(const std::string& name, const std::string& outer) {
   return name.size() > outer.size() && starts_with(name, outer) && name[outer.size()] == '.';
+}
+
+/// The integer `text` spells out in full (JSON object keys such as id2label's "0"), or nothing.
+inline std::optional<int64_t> parse_integer(const std::string& text) {
+  size_t used = 0;
+  int64_t value = 0;
+  try {
+    value = std::stoll(text, &used);
+  } catch (...) {
+    return std::nullopt;
+  }
+  if (text.empty() || used != text.size()) return std::nullopt;
+  return value;
 }
 
 /// "a, b, c" (or "none" for an empty list).

@@ -14,6 +14,7 @@
 #include <c10/util/Exception.h>
 #include <nlohmann/json.hpp>
 
+#include <lora/detail/strings.hpp>
 #include <lora/tokenizers/bpe.hpp>
 #include <lora/tokenizers/tokenizer.hpp>
 #include <lora/tokenizers/tokenizer_json.hpp>
@@ -46,15 +47,9 @@ inline std::vector<AddedToken> folder_added_tokens(const std::string& folder, co
   if (config.contains("added_tokens_decoder") && !config["added_tokens_decoder"].is_null()) {
     TORCH_CHECK(config["added_tokens_decoder"].is_object(), where, ": 'added_tokens_decoder' must be an object");
     for (const auto& [key, item] : config["added_tokens_decoder"].items()) {
-      int64_t id = -1;
-      size_t used = 0;
-      try {
-        id = std::stoll(key, &used);
-      } catch (...) {
-        used = 0;
-      }
-      TORCH_CHECK(!key.empty() && used == key.size(), where, ": added_tokens_decoder key '", key, "' is not an id");
-      added.push_back(detail::added_token(item, id, where));
+      const auto id = lora::detail::parse_integer(key);
+      TORCH_CHECK(id.has_value(), where, ": added_tokens_decoder key '", key, "' is not an id");
+      added.push_back(detail::added_token(item, *id, where));
     }
   }
   const auto extra = fs::path(folder) / "added_tokens.json";

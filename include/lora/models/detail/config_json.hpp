@@ -12,6 +12,8 @@
 #include <c10/util/Exception.h>
 #include <nlohmann/json.hpp>
 
+#include <lora/detail/strings.hpp>
+
 namespace lora::models::detail {
 
 /// Reads typed fields of one parsed config.json; absent (or null) optional keys keep the field.
@@ -66,16 +68,10 @@ class ConfigReader {
       TORCH_CHECK(json_["id2label"].is_object(), where_, ": 'id2label' must be an object (got ",
                   json_["id2label"].dump(), ")");
       for (const auto& [key, value] : json_["id2label"].items()) {
-        int64_t id = -1;
-        size_t used = 0;
-        try {
-          id = std::stoll(key, &used);
-        } catch (...) {
-          used = 0;
-        }
-        TORCH_CHECK(used == key.size() && !key.empty(), where_, ": id2label key '", key, "' is not an integer");
+        const auto id = lora::detail::parse_integer(key);
+        TORCH_CHECK(id.has_value(), where_, ": id2label key '", key, "' is not an integer");
         TORCH_CHECK(value.is_string(), where_, ": id2label['", key, "'] must be a string");
-        id2label[id] = value.get<std::string>();
+        id2label[*id] = value.get<std::string>();
       }
       num_labels = static_cast<int64_t>(id2label.size());
       return;
