@@ -5,8 +5,9 @@ LORA_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 LORA_BUILD_DIR=${LORA_BUILD_DIR:-$LORA_ROOT/build}
 
 # Debian 12 packages. libopenblas0-openmp: without it LibTorch falls back to the reference
-# BLAS, ~20x slower on matmuls.
-LORA_PACKAGES=(g++ make cmake libtorch-dev libopenblas0-openmp libgtest-dev libbenchmark-dev nlohmann-json3-dev libutf8proc-dev pkg-config libcli11-dev libcurl4-openssl-dev python3)
+# BLAS, ~20x slower on matmuls. clang-14: the headers are also checked under clang (ctest
+# headers_clang), and the fuzzers (scripts/fuzz.sh) need it.
+LORA_PACKAGES=(g++ make cmake libtorch-dev libopenblas0-openmp libgtest-dev libbenchmark-dev nlohmann-json3-dev libutf8proc-dev pkg-config libcli11-dev libcurl4-openssl-dev python3 clang-14)
 
 lora_install_packages() {
   local missing=() package

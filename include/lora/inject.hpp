@@ -289,7 +289,9 @@ inline InjectionReport add_modules_to_save(torch::nn::Module& model, const std::
   AdapterPlan plan{adapter_name, std::make_shared<const LoraConfig>(LoraConfig().modules_to_save(names)), {}};
   const auto existing = detail::existing_adapters(model);
   std::vector<std::string> roots;
-  for (const auto& [entry, module] : modules) {
+  for (const auto& item : modules) {
+    const auto& entry = item.first;  // C++17 lambdas cannot capture structured bindings
+    const auto& module = item.second;
     const bool named = std::any_of(names.begin(), names.end(),
                                    [&](const std::string& key) { return detail::ends_with(entry.name, key); });
     const bool nested = std::any_of(roots.begin(), roots.end(),

@@ -184,7 +184,9 @@ inline std::vector<std::string> load_adapter_state_dict(torch::nn::Module& model
     used.insert(full);
   };
   std::vector<std::pair<std::string, std::shared_ptr<AdapterLayer>>> saved;
-  for (const auto& [path, layer] : holders) {
+  for (const auto& holder : holders) {
+    const auto& path = holder.first;  // C++17 lambdas cannot capture structured bindings
+    const auto& layer = holder.second;
     const bool is_lora = std::dynamic_pointer_cast<LoRALayer>(layer) != nullptr;
     if (!is_lora) saved.emplace_back(path, layer);
     // A saved module only the task type implies ("classifier" for SEQ_CLS) may be absent.

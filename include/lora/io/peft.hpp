@@ -98,7 +98,9 @@ inline void check_config_describes(const LoraConfig& config, const std::string& 
   std::map<std::string, const Selection*> by_name;
   for (const auto& selection : selected) by_name[selection.name] = &selection;
   std::set<std::string> holders;
-  for (const auto& [path, layer] : layers) {
+  for (const auto& item : layers) {
+    const auto& path = item.first;  // C++17 lambdas cannot capture structured bindings
+    const auto& layer = item.second;
     if (!layer->has_adapter(name)) continue;
     holders.insert(path);
     const auto found = by_name.find(path);

@@ -243,7 +243,9 @@ inline LoraConfig lora_config_from_json(const nlohmann::ordered_json& json, cons
   TORCH_CHECK(json["peft_type"].is_string() && json["peft_type"].get<std::string>() == "LORA", where,
               ": unsupported peft_type ", json["peft_type"].dump(), " (only \"LORA\" is supported)");
   const auto& base_keys = peft_0_10_keys();
-  for (const auto& [key, value] : json.items()) {
+  for (const auto& entry : json.items()) {
+    const std::string& key = entry.key();  // not a structured binding: C++17 lambdas cannot capture those
+    const auto& value = entry.value();
     if (std::find(base_keys.begin(), base_keys.end(), key) != base_keys.end()) continue;
     const auto& later = peft_later_keys();
     const auto found = std::find_if(later.begin(), later.end(), [&](const PeftConfigKey& item) { return key == item.key; });

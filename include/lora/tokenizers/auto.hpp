@@ -63,7 +63,9 @@ inline std::vector<AddedToken> folder_added_tokens(const std::string& folder, co
       TORCH_CHECK(false, "tokenizer: invalid JSON in '", extra.string(), "': ", error.what());
     }
     TORCH_CHECK(json.is_object(), "tokenizer: '", extra.string(), "' must be an object of token ids");
-    for (const auto& [token, id] : json.items()) {
+    for (const auto& entry : json.items()) {
+      const std::string& token = entry.key();  // C++17 lambdas cannot capture structured bindings
+      const auto& id = entry.value();
       TORCH_CHECK(id.is_number_integer(), "tokenizer: '", token, "' in '", extra.string(), "' has a non-integer id");
       const bool listed = std::any_of(added.begin(), added.end(),
                                       [&](const AddedToken& item) { return item.token.content == token; });
