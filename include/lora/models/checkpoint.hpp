@@ -27,6 +27,7 @@
 #include <lora/detail/strings.hpp>
 #include <lora/io/safetensors.hpp>
 #include <lora/layer.hpp>
+#include <lora/models/detail/config_json.hpp>
 #include <lora/state_dict.hpp>
 
 namespace lora::models {
@@ -254,13 +255,7 @@ inline std::string read_model_type(const std::string& folder) {
   const auto path = (fs::path(folder) / "config.json").string();
   std::error_code error;
   TORCH_CHECK(fs::exists(path, error), "checkpoint: '", folder, "' has no config.json");
-  std::ifstream in(path);
-  nlohmann::json json;
-  try {
-    in >> json;
-  } catch (const nlohmann::json::exception& error) {
-    TORCH_CHECK(false, "checkpoint: invalid JSON in '", path, "': ", error.what());
-  }
+  const auto json = detail::read_config_file(path, "checkpoint");
   TORCH_CHECK(json.is_object(), "checkpoint: '", path, "' is not a JSON object");
   if (!json.contains("model_type")) return "";
   TORCH_CHECK(json["model_type"].is_string(), "checkpoint: 'model_type' in '", path, "' must be a string (got ",

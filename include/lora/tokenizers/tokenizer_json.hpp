@@ -120,11 +120,6 @@ inline void add_to_vocabulary(std::vector<std::string>& tokens, std::vector<Adde
   }
 }
 
-/// The model's vocabulary (token → id) as tokens by id.
-inline std::vector<std::string> tokens_by_id(const nlohmann::json& vocab, const std::string& where) {
-  return ByteLevelBpeTokenizer::vocabulary_from_json(vocab, where);
-}
-
 /// A special token named in `tokenizer_config.json` (a string, or an object with `content`).
 inline std::string config_token(const nlohmann::json& config, const char* key, const std::string& fallback,
                                 const std::string& where) {
@@ -217,7 +212,7 @@ inline ByteLevelBpeTokenizer bpe_from_tokenizer_json(const nlohmann::json& json,
       merges.emplace_back(merge[0].get<std::string>(), merge[1].get<std::string>());
     }
   }
-  auto tokens = tokens_by_id(field(model, "vocab", where + " model"), where);
+  auto tokens = ByteLevelBpeTokenizer::vocabulary_from_json(field(model, "vocab", where + " model"), where);
   add_to_vocabulary(tokens, added, where);
   return ByteLevelBpeTokenizer(std::move(tokens), merges, std::move(options), where);
 }
@@ -264,7 +259,7 @@ inline WordPieceTokenizer wordpiece_from_tokenizer_json(const nlohmann::json& js
   }
   const auto added = added_tokens(json, where);
   check_wordpiece_added_tokens(added, where);
-  auto tokens = tokens_by_id(field(model, "vocab", where + " model"), where);
+  auto tokens = ByteLevelBpeTokenizer::vocabulary_from_json(field(model, "vocab", where + " model"), where);
   add_to_vocabulary(tokens, added, where);
   return WordPieceTokenizer(std::move(tokens), options, where);
 }
