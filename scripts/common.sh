@@ -6,8 +6,9 @@ LORA_BUILD_DIR=${LORA_BUILD_DIR:-$LORA_ROOT/build}
 
 # Debian 12 packages. libopenblas0-openmp: without it LibTorch falls back to the reference
 # BLAS, ~20x slower on matmuls. clang-14: the headers are also checked under clang (ctest
-# headers_clang), and the fuzzers (scripts/fuzz.sh) need it.
-LORA_PACKAGES=(g++ make cmake libtorch-dev libopenblas0-openmp libgtest-dev libbenchmark-dev nlohmann-json3-dev libutf8proc-dev pkg-config libcli11-dev libcurl4-openssl-dev python3 clang-14)
+# headers_clang), and the fuzzers (scripts/fuzz.sh) need it. libgloo-dev: the headers of the
+# Gloo library that libtorch_cpu already links, for lora::distributed.
+LORA_PACKAGES=(g++ make cmake libtorch-dev libopenblas0-openmp libgtest-dev libbenchmark-dev nlohmann-json3-dev libutf8proc-dev pkg-config libcli11-dev libcurl4-openssl-dev python3 clang-14 libgloo-dev)
 
 lora_install_packages() {
   local missing=() package
@@ -29,9 +30,10 @@ lora_install_packages() {
   fi
 }
 
-# lora_build [target...]: configure (Release) and build the given targets, or everything.
+# lora_build [target...]: configure (Release, plus the options in the LORA_CMAKE_OPTIONS array)
+# and build the given targets, or everything.
 lora_build() {
-  cmake -S "$LORA_ROOT" -B "$LORA_BUILD_DIR" -DCMAKE_BUILD_TYPE=Release > /dev/null || return 1
+  cmake -S "$LORA_ROOT" -B "$LORA_BUILD_DIR" -DCMAKE_BUILD_TYPE=Release ${LORA_CMAKE_OPTIONS[@]+"${LORA_CMAKE_OPTIONS[@]}"} > /dev/null || return 1
   local targets=()
   [ $# -gt 0 ] && targets=(--target "$@")
   cmake --build "$LORA_BUILD_DIR" --parallel "$(nproc)" "${targets[@]}"

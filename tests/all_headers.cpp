@@ -2,6 +2,9 @@
 // that nothing GCC accepts as an extension (lambdas capturing structured bindings, ...) slips in.
 #include <lora/data/batcher.hpp>
 #include <lora/data/tsv.hpp>
+#ifdef USE_C10D_GLOO  // lora::distributed: ctest passes the definition when it is built
+#include <lora/distributed.hpp>
+#endif
 #include <lora/io/peft.hpp>
 #include <lora/io/peft_jit.hpp>
 #include <lora/io/safetensors.hpp>

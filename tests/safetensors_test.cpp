@@ -1,6 +1,11 @@
+#include <csignal>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <lora/io/safetensors.hpp>
 
@@ -114,6 +119,74 @@ TEST_F(SafetensorsTest, MapsAlignedTensorsWithoutCopyingAndCopiesMisalignedOnes)
   const auto odd = load_safetensors(raw_file(R"({"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})" + std::string(1, ' '),
                                              bytes_of({1.5f, -2.0f})));
   EXPECT_TRUE(torch::equal(odd.tensors["x"], torch::tensor({1.5f, -2.0f})));
+}
+
+namespace {
+
+/// Runs `body` in a forked child with SIGBUS turned into exit code 77 (so that a sanitizer's own
+/// handler cannot hide it); returns the child's exit code.
+int exit_code_in_child(const std::function<void()>& body) {
+  const pid_t child = ::fork();
+  if (child == 0) {
+    std::signal(SIGBUS, [](int) { ::_exit(77); });
+    try {
+      body();
+    } catch (...) {
+      ::_exit(2);
+    }
+    ::_exit(0);
+  }
+  int status = 0;
+  ::waitpid(child, &status, 0);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+}  // namespace
+
+// What docs/robustness.md says of the default: a mapped file truncated while its tensors live
+// raises SIGBUS on the next access; FileAccess::kCopy does not depend on the file after the read.
+TEST_F(SafetensorsTest, CopiedFilesSurviveTruncationThatMappedOnesDoNot) {
+  torch::OrderedDict<std::string, torch::Tensor> tensors;
+  tensors.insert("w", torch::randn({64, 1024}));  // 256 KiB: many pages past the cut
+  const auto file = path("shrinking.safetensors");
+  const auto expected = tensors["w"].clone();
+  const auto load_truncate_and_sum = [&](lora::io::FileAccess access) {
+    return [&, access] {
+      save_safetensors(file, tensors);
+      const auto loaded = load_safetensors(file, {std::nullopt, access});
+      fs::resize_file(file, 4096);
+      const auto& w = loaded.tensors["w"];
+      const auto* values = w.data_ptr<float>();
+      volatile float sum = 0;
+      for (int64_t i = 0; i < w.numel(); i += 1024) sum = sum + values[i];
+      // memcmp, not torch ops: a forked child must not start OpenMP threads
+      if (std::memcmp(values, expected.data_ptr<float>(), expected.numel() * sizeof(float)) != 0) ::_exit(3);
+    };
+  };
+  EXPECT_EQ(exit_code_in_child(load_truncate_and_sum(lora::io::FileAccess::kMap)), 77) << "expected SIGBUS";
+  EXPECT_EQ(exit_code_in_child(load_truncate_and_sum(lora::io::FileAccess::kCopy)), 0);
+
+  // In this process too: the copy keeps its values after the file is cut and then rewritten.
+  save_safetensors(file, tensors);
+  const auto copied = load_safetensors(file, {torch::kDouble, lora::io::FileAccess::kCopy});
+  fs::resize_file(file, 100);
+  std::ofstream(file, std::ios::binary | std::ios::trunc) << "overwritten";
+  EXPECT_EQ(copied.tensors["w"].scalar_type(), torch::kDouble);
+  EXPECT_TRUE(torch::equal(copied.tensors["w"], tensors["w"].to(torch::kDouble)));
+  const auto* data = static_cast<const char*>(copied.tensors["w"].data_ptr());
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(data) % 8, 0u);
+}
+
+// A file that holds fewer bytes than its size says (as files under /sys do, and as a file cut
+// while it is read would) is refused with the byte counts.
+TEST_F(SafetensorsTest, FilesShorterThanTheirSizeAreRefusedWhenCopied) {
+  const std::string sysfs = "/sys/kernel/mm/transparent_hugepage/enabled";
+  std::error_code error;
+  if (!fs::exists(sysfs, error) || fs::file_size(sysfs, error) <= read_all(sysfs).size()) {
+    GTEST_SKIP() << sysfs << " is missing or holds as many bytes as its size says";
+  }
+  LORA_EXPECT_THROWS_WITH(load_safetensors(sysfs, {std::nullopt, lora::io::FileAccess::kCopy}),
+                          "the file shrank while it was read");
 }
 
 TEST_F(SafetensorsTest, ConvertsFloatingTensorsOnRequest) {

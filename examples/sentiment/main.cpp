@@ -2,6 +2,7 @@
 //
 //   lora-sentiment                      the built-in demo: no downloads, a few minutes on 2 cores
 //   lora-sentiment train --model DIR --data DIR --out DIR [options]      (--hf-model NAME downloads)
+//                                       (data parallel: scripts/launch.sh N lora-sentiment train ..., or torchrun's variables)
 //   lora-sentiment eval --model DIR [--adapter DIR] --data FILE
 //   lora-sentiment predict --model DIR [--adapter DIR] [SENTENCE...]   (stdin when none)
 //
@@ -14,6 +15,7 @@
 #include <fstream>
 #include <iomanip>
 #include <iostream>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -273,6 +275,8 @@ struct TrainFlags {
   int64_t stop_after = 0;
   int64_t checkpoint_every = 0;
   bool skip_nonfinite = false;
+  double model_dropout = -1;  // < 0: the model config's
+  bool distributed = false;
 };
 
 lora::data::Examples read_split(const std::string& path) {
@@ -280,7 +284,29 @@ lora::data::Examples read_split(const std::string& path) {
   return lora::data::read_tsv(path, layout);
 }
 
+/// Sets the probability of every dropout layer of the model (not the adapters').
+void set_model_dropout(torch::nn::Module& model, double p) {
+  for (const auto& module : model.modules()) {
+    if (auto* dropout = module->as<torch::nn::DropoutImpl>()) dropout->options.p(p);
+  }
+}
+
 int run_train(const TrainFlags& flags) {
+  // Data parallel when asked, or when launched as one rank of several (torchrun, scripts/launch.sh).
+#ifdef LORA_SENTIMENT_DISTRIBUTED
+  std::optional<lora::distributed::ProcessGroup> group;
+  if (flags.distributed || lora::distributed::launched_distributed()) {
+    group.emplace(lora::distributed::options_from_environment());
+  }
+  sentiment::Parallel parallel = group ? sentiment::Parallel(*group) : sentiment::Parallel();
+#else
+  TORCH_CHECK(!flags.distributed, "--distributed: this lora-sentiment was built without lora::distributed "
+              "(configure with -DLORA_DISTRIBUTED=ON; Debian: libgloo-dev)");
+  sentiment::Parallel parallel;
+#endif
+  std::ostream null_output(nullptr);  // ranks other than 0 print nothing
+  std::ostream& out = parallel.is_main() ? std::cout : null_output;
+
   std::string train_path = flags.train_file, dev_path = flags.dev_file;
   if (!flags.data.empty()) {
     TORCH_CHECK(fs::is_directory(flags.data), "--data folder '", flags.data, "' does not exist");
@@ -293,7 +319,7 @@ int run_train(const TrainFlags& flags) {
   const auto& tokenizer = *tokenizer_ptr;
   const auto train_examples = read_split(train_path).examples;
   const auto dev_examples = read_split(dev_path).examples;
-  std::cout << "model " << flags.model << " (" << model.model_type() << ", " << tokenizer.kind() << " tokenizer): "
+  out << "model " << flags.model << " (" << model.model_type() << ", " << tokenizer.kind() << " tokenizer): "
             << train_examples.size() << " training and " << dev_examples.size() << " dev sentences\n";
 
   torch::manual_seed(flags.seed);
@@ -313,7 +339,15 @@ int run_train(const TrainFlags& flags) {
   } else {
     lora::mark_all_as_trainable(model.module());
   }
-  std::cout << "mode " << flags.mode << ": " << lora::count_parameters(model.module()).to_string() << "\n";
+  out << "mode " << flags.mode << ": " << lora::count_parameters(model.module()).to_string() << "\n";
+
+  if (flags.model_dropout >= 0) set_model_dropout(model.module(), flags.model_dropout);
+  // Each rank its own dropout draws (rank 0 keeps the single-process stream).
+  if (parallel.rank() > 0) torch::manual_seed(flags.seed + 1000003ULL * static_cast<uint64_t>(parallel.rank()));
+  if (parallel.world_size() > 1) {
+    out << "data parallel: " << parallel.world_size() << " processes, " << flags.batch_size
+        << " rows per step in all (about " << flags.batch_size / parallel.world_size() << " each)\n";
+  }
 
   lora::data::BatcherOptions batching;
   batching.batch_size = flags.batch_size;
@@ -339,6 +373,7 @@ int run_train(const TrainFlags& flags) {
   training.checkpoint_every = flags.checkpoint_every;
   training.skip_nonfinite = flags.skip_nonfinite;
   training.interrupt = &interrupted;
+  training.parallel = &parallel;
   std::signal(SIGINT, on_interrupt);
   auto save_best = [&](int64_t) {
     if (flags.mode != "lora") {
@@ -348,21 +383,25 @@ int run_train(const TrainFlags& flags) {
     }
   };
   const auto result = sentiment::train(model, train_set, dev, training, save_best);
+  if (parallel.world_size() > 1) {
+    out << "gradient all-reduce: " << parallel.gradient_bytes() << " bytes per step\n";
+  }
   if (result.interrupted) return 130;
-  if (result.skipped > 0) std::cout << result.skipped << " step(s) skipped for a non-finite loss or gradient\n";
+  if (!parallel.is_main()) return 0;  // rank 0 writes the chart and the merged model
+  if (result.skipped > 0) out << result.skipped << " step(s) skipped for a non-finite loss or gradient\n";
   std::ofstream(fs::path(flags.out) / "learning_curve.svg")
       << sentiment::learning_curve_svg(result.history, "lora-sentiment: " + flags.mode);
-  std::cout << std::fixed << std::setprecision(4) << "best dev accuracy " << result.best.accuracy << " (F1 "
+  out << std::fixed << std::setprecision(4) << "best dev accuracy " << result.best.accuracy << " (F1 "
             << result.best.f1 << ") at step " << result.best_step << "; " << std::setprecision(1) << result.seconds
             << " s\nwrote " << flags.out << "/" << (flags.mode != "lora" ? "best" : "adapter")
             << ", metrics.jsonl, learning_curve.svg\n";
-  if (flags.merge && flags.mode != "lora") std::cout << "--merge ignored: --mode " << flags.mode << " saved a whole model\n";
+  if (flags.merge && flags.mode != "lora") out << "--merge ignored: --mode " << flags.mode << " saved a whole model\n";
   if (flags.merge && flags.mode == "lora") {
     auto [best, unused] = load_model(flags.model);
     attach_adapter(best, (fs::path(flags.out) / "adapter").string(), config.base_model_name_or_path());
     lora::merge_and_unload(best.module(), /*safe_merge=*/true);
     best.save((fs::path(flags.out) / "merged").string(), lora::models::tokenizer_files(flags.model));
-    std::cout << "wrote " << flags.out << "/merged (a plain Hugging Face " << best.model_type() << " folder)\n";
+    out << "wrote " << flags.out << "/merged (a plain Hugging Face " << best.model_type() << " folder)\n";
   }
   return 0;
 }
@@ -463,6 +502,12 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   train_cmd->add_flag("--skip-nonfinite", train.skip_nonfinite,
                       "skip a step whose loss or gradient is NaN/Inf (default: stop with an error naming the step)");
+  train_cmd->add_option("--model-dropout", train.model_dropout,
+                         "dropout probability of the model's own layers (default: its config's)")
+      ->check(CLI::Range(0.0, 0.999));
+  train_cmd->add_flag("--distributed", train.distributed,
+                      "one rank of a data-parallel run: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT as torchrun sets "
+                      "them (implied when they are set); --batch-size is the global batch");
   train_cmd->add_option("--stop-after", train.stop_after, "stop as if interrupted after N steps (testing)")
       ->check(CLI::NonNegativeNumber)->group("");
 

@@ -1,7 +1,8 @@
 #pragma once
 
 // Fine-tuning and evaluation loops for any sequence classifier (BERT, DistilBERT, RoBERTa): LoRA, full or head-only,
-// AdamW with linear warmup and decay, gradient clipping, periodic evaluation, metrics.
+// AdamW with linear warmup and decay, gradient clipping, periodic evaluation, metrics; on one
+// process or as one rank of several (data parallel: each rank takes its share of every batch).
 
 #include <atomic>
 #include <chrono>
@@ -27,6 +28,8 @@
 #include <lora/models/auto.hpp>
 #include <torch/torch.h>
 
+#include "parallel.hpp"
+
 namespace sentiment {
 
 struct Metrics {
@@ -35,24 +38,40 @@ struct Metrics {
   int64_t count() const { return true_positive + false_positive + true_negative + false_negative; }
 };
 
-/// Accuracy, F1 of the positive class, mean cross-entropy and the confusion matrix.
-inline Metrics evaluate(const lora::models::SequenceClassifier& classifier, const lora::data::Batcher& batcher) {
+/// Accuracy, F1 of the positive class, mean cross-entropy and the confusion matrix. With
+/// `parallel`, each rank evaluates its share of every batch and all get the totals.
+inline Metrics evaluate(const lora::models::SequenceClassifier& classifier, const lora::data::Batcher& batcher,
+                        Parallel* parallel = nullptr) {
   auto& model = classifier.module();
   const bool was_training = model.is_training();
   model.eval();
   torch::NoGradGuard no_grad;
   Metrics m;
   double loss_sum = 0;
-  for (const auto& batch : batcher.epoch()) {
-    const auto logits = classifier.forward(batch.inputs);
-    loss_sum += torch::nn::functional::cross_entropy(logits, batch.labels,
+  Parallel single;
+  auto& ranks = parallel ? *parallel : single;
+  for (const auto& whole : batcher.epoch()) {
+    const auto batch = ranks.share(whole);
+    if (!batch) continue;
+    const auto logits = classifier.forward(batch->inputs);
+    loss_sum += torch::nn::functional::cross_entropy(logits, batch->labels,
                                                       torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))
                     .item<double>();
     const auto predicted = logits.argmax(1);
-    m.true_positive += (predicted.eq(1) & batch.labels.eq(1)).sum().item<int64_t>();
-    m.false_positive += (predicted.eq(1) & batch.labels.eq(0)).sum().item<int64_t>();
-    m.true_negative += (predicted.eq(0) & batch.labels.eq(0)).sum().item<int64_t>();
-    m.false_negative += (predicted.eq(0) & batch.labels.eq(1)).sum().item<int64_t>();
+    m.true_positive += (predicted.eq(1) & batch->labels.eq(1)).sum().item<int64_t>();
+    m.false_positive += (predicted.eq(1) & batch->labels.eq(0)).sum().item<int64_t>();
+    m.true_negative += (predicted.eq(0) & batch->labels.eq(0)).sum().item<int64_t>();
+    m.false_negative += (predicted.eq(0) & batch->labels.eq(1)).sum().item<int64_t>();
+  }
+  if (ranks.world_size() > 1) {
+    auto totals = torch::tensor({loss_sum, double(m.true_positive), double(m.false_positive), double(m.true_negative),
+                                 double(m.false_negative)}, torch::kDouble);
+    ranks.sum(totals);
+    loss_sum = totals[0].item<double>();
+    m.true_positive = totals[1].item<int64_t>();
+    m.false_positive = totals[2].item<int64_t>();
+    m.true_negative = totals[3].item<int64_t>();
+    m.false_negative = totals[4].item<int64_t>();
   }
   const auto n = std::max<int64_t>(1, m.count());
   m.accuracy = static_cast<double>(m.true_positive + m.true_negative) / static_cast<double>(n);
@@ -87,6 +106,8 @@ struct TrainOptions {
   /// A step whose loss or gradient is not finite is skipped (with a notice) instead of
   /// stopping the run with an error naming the step.
   bool skip_nonfinite = false;
+  /// This process's rank among several (data parallel); nullptr: one process.
+  Parallel* parallel = nullptr;
 };
 
 /// One row of metrics.jsonl.
@@ -139,21 +160,32 @@ inline Metrics metrics_from(const nlohmann::json& j) {
 /// folder, atomically (temporary folder, fsync, one rename): a run killed at any moment leaves
 /// the previous checkpoint or the new one, complete.
 struct Checkpoint {
+  /// Collective: every rank calls it (each rank's generator is kept); rank 0 writes.
   static void save(const std::string& dir, const std::vector<torch::Tensor>& parameters,
                    torch::optim::Optimizer& optimizer, const TrainResult& result, int64_t step, double running_loss,
-                   int64_t running_count) {
+                   int64_t running_count, Parallel& parallel) {
+    const auto generators = parallel.gather(at::detail::getDefaultCPUGenerator().get_state());
+    if (!parallel.is_main()) return;
     std::vector<torch::Tensor> values;
     for (const auto& parameter : parameters) values.push_back(parameter.detach().clone());
-    const auto state = state_json(result, step, running_loss, running_count);
+    auto state = state_json(result, step, running_loss, running_count);
+    state["world_size"] = parallel.world_size();
     lora::detail::replace_folder_atomically(
         dir,
         [&](const std::filesystem::path& folder) {
           torch::save(values, (folder / "trainable.pt").string());
           torch::save(optimizer, (folder / "optimizer.pt").string());
-          torch::save(at::detail::getDefaultCPUGenerator().get_state(), (folder / "generator.pt").string());
+          for (size_t rank = 0; rank < generators.size(); ++rank) {
+            torch::save(generators[rank], (folder / generator_file(static_cast<int>(rank))).string());
+          }
           std::ofstream((folder / "state.json").string()) << state.dump(1);
         },
         "checkpoint", [](const std::string&) { return false; });
+  }
+
+  /// Rank 0's dropout generator in generator.pt, rank r's in generator-r.pt.
+  static std::string generator_file(int rank) {
+    return rank == 0 ? "generator.pt" : "generator-" + std::to_string(rank) + ".pt";
   }
 
   static nlohmann::json state_json(const TrainResult& result, int64_t step, double running_loss,
@@ -171,12 +203,16 @@ struct Checkpoint {
     return state;
   }
 
+  /// Every rank reads the folder rank 0 wrote (one machine, or a shared file system).
   static void load(const std::string& dir, const std::vector<torch::Tensor>& parameters,
                    torch::optim::Optimizer& optimizer, TrainResult& result, int64_t& step, double& running_loss,
-                   int64_t& running_count) {
+                   int64_t& running_count, const Parallel& parallel) {
     TORCH_CHECK(std::filesystem::exists(dir + "/state.json"), "--resume: no checkpoint in '", dir, "'");
     std::ifstream in(dir + "/state.json");
     const auto state = nlohmann::json::parse(in);
+    const int world_size = state.value("world_size", 1);
+    TORCH_CHECK(world_size == parallel.world_size(), "--resume: the checkpoint in '", dir, "' was written by a run of ",
+                world_size, " process(es); resume it with as many (this run has ", parallel.world_size(), ")");
     std::vector<torch::Tensor> values;
     torch::load(values, dir + "/trainable.pt");
     TORCH_CHECK(values.size() == parameters.size(), "--resume: the checkpoint in '", dir, "' holds ", values.size(),
@@ -191,7 +227,7 @@ struct Checkpoint {
     }
     torch::load(optimizer, dir + "/optimizer.pt");
     torch::Tensor generator;
-    torch::load(generator, dir + "/generator.pt");
+    torch::load(generator, dir + "/" + generator_file(parallel.rank()));
     auto default_generator = at::detail::getDefaultCPUGenerator();  // a handle: shares the generator
     default_generator.set_state(generator);
     step = state.at("step");
@@ -232,6 +268,9 @@ inline TrainResult train(const lora::models::SequenceClassifier& classifier, con
                          const lora::data::Batcher& dev, const TrainOptions& options,
                          const std::function<void(int64_t)>& on_best = {}) {
   auto& model = classifier.module();
+  Parallel single;
+  auto& parallel = options.parallel ? *options.parallel : single;
+  const bool main = parallel.is_main();
   std::vector<torch::Tensor> parameters;
   for (const auto& parameter : model.parameters()) {
     if (parameter.requires_grad()) parameters.push_back(parameter);
@@ -243,7 +282,7 @@ inline TrainResult train(const lora::models::SequenceClassifier& classifier, con
   const int64_t total = options.steps > 0 ? options.steps : options.epochs * per_epoch;
   const auto warmup = static_cast<int64_t>(std::round(options.warmup_ratio * static_cast<double>(total)));
   const int64_t eval_every = options.eval_every > 0 ? options.eval_every : per_epoch;
-  const bool tty = options.progress && ::isatty(STDERR_FILENO);
+  const bool tty = options.progress && main && ::isatty(STDERR_FILENO);
 
   TrainResult result;
   result.best.accuracy = -1;
@@ -252,12 +291,14 @@ inline TrainResult train(const lora::models::SequenceClassifier& classifier, con
   double running_loss = 0;
   int64_t running_count = 0;
   if (options.resume) {
-    detail::Checkpoint::load(options.checkpoint_dir, parameters, optimizer, result, step, running_loss, running_count);
-    std::fprintf(stderr, "resuming at step %lld of %lld\n", (long long)step, (long long)total);
+    detail::Checkpoint::load(options.checkpoint_dir, parameters, optimizer, result, step, running_loss, running_count,
+                             parallel);
+    if (main) std::fprintf(stderr, "resuming at step %lld of %lld\n", (long long)step, (long long)total);
   }
+  parallel.train_together(parameters);  // rank 0's values everywhere, gradients summed from now on
   const int64_t first_step = step;
   std::ofstream metrics;
-  if (!options.metrics_path.empty()) {
+  if (!options.metrics_path.empty() && main) {
     // A resumed run rewrites the rows its checkpoint knows: rows a killed run wrote after its
     // last checkpoint are computed again (and identically) below.
     lora::detail::write_file_atomically(
@@ -266,17 +307,20 @@ inline TrainResult train(const lora::models::SequenceClassifier& classifier, con
     metrics.open(options.metrics_path, std::ios::app);
   }
   model.train();
+  bool interrupt_agreed = false;  // distributed: any rank's Ctrl-C, as of the last step
   for (int64_t epoch = step / per_epoch; step < total; ++epoch) {
     const auto batches = train_set.epoch(epoch);
     for (auto position = static_cast<size_t>(step - epoch * per_epoch); position < batches.size(); ++position) {
       const auto& batch = batches[position];
       if (step >= total) break;
-      const bool stop = (options.interrupt && options.interrupt->load()) ||
+      const bool interrupt_here = options.interrupt && options.interrupt->load();
+      // Every rank must stop at the same step: with several, they agree through the last step's sums.
+      const bool stop = (parallel.world_size() == 1 ? interrupt_here : interrupt_agreed) ||
                         (options.stop_after > 0 && step >= options.stop_after);
       if (stop && !options.checkpoint_dir.empty()) {
         detail::Checkpoint::save(options.checkpoint_dir, parameters, optimizer, result, step, running_loss,
-                                 running_count);
-        std::fprintf(stderr, "%sinterrupted at step %lld; checkpoint in %s (continue with --resume)\n",
+                                 running_count, parallel);
+        if (main) std::fprintf(stderr, "%sinterrupted at step %lld; checkpoint in %s (continue with --resume)\n",
                      tty ? "\n" : "", (long long)step, options.checkpoint_dir.c_str());
         result.interrupted = true;
         result.steps = step;
@@ -288,12 +332,28 @@ inline TrainResult train(const lora::models::SequenceClassifier& classifier, con
       const double lr = options.lr * factor;
       for (auto& group : optimizer.param_groups()) static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
       optimizer.zero_grad();
-      const auto logits = classifier.forward(batch.inputs);
-      const auto loss = torch::nn::functional::cross_entropy(logits, batch.labels);
-      const double loss_value = loss.item<double>();
+      // The batch's mean loss, as each rank's summed loss over the global row count: summed over
+      // ranks, losses and gradients are the single-process ones, however the rows are shared.
+      const auto rows = batch.labels.size(0);
+      double loss_value = 0;
+      if (const auto share = parallel.share(batch)) {
+        const auto logits = classifier.forward(share->inputs);
+        const auto loss = torch::nn::functional::cross_entropy(
+                              logits, share->labels,
+                              torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum)) /
+                          static_cast<double>(rows);
+        loss_value = loss.item<double>();
+        if (std::isfinite(loss_value)) loss.backward();
+      }
+      parallel.synchronize_gradients();
+      if (parallel.world_size() > 1) {
+        auto sums = torch::tensor({loss_value, interrupt_here ? 1.0 : 0.0}, torch::kDouble);
+        parallel.sum(sums);
+        loss_value = sums[0].item<double>();
+        interrupt_agreed = sums[1].item<double>() > 0;
+      }
       double gradient_norm = 0;
-      if (std::isfinite(loss_value)) {
-        loss.backward();
+      if (std::isfinite(loss_value)) {  // the same gradients on every rank: the same decision
         gradient_norm = options.clip > 0 ? torch::nn::utils::clip_grad_norm_(parameters, options.clip)
                                          : detail::gradient_norm(parameters);
       }
@@ -304,13 +364,15 @@ inline TrainResult train(const lora::models::SequenceClassifier& classifier, con
                                               : "loss (" + std::to_string(loss_value) + ")",
                     "; the parameters are as after step ", step,
                     ". Lower the learning rate, or pass --skip-nonfinite to skip such steps");
-        std::fprintf(stderr, "%sstep %lld skipped: non-finite %s\n", tty ? "\n" : "", (long long)(step + 1),
-                     std::isfinite(loss_value) ? "gradient" : "loss");
+        if (main) {
+          std::fprintf(stderr, "%sstep %lld skipped: non-finite %s\n", tty ? "\n" : "", (long long)(step + 1),
+                       std::isfinite(loss_value) ? "gradient" : "loss");
+        }
         optimizer.zero_grad();
         ++result.skipped;
       } else {
         optimizer.step();
-        examples += batch.labels.size(0);
+        examples += rows;
         running_loss += loss_value;
         ++running_count;
       }
@@ -328,7 +390,7 @@ inline TrainResult train(const lora::models::SequenceClassifier& classifier, con
                      clock_time(elapsed / double(step - first_step) * double(total - step)).c_str());
       }
       if (step % eval_every == 0 || step == total) {
-        MetricRow row{step, double(step) / per_epoch, mean_loss, lr, evaluate(classifier, dev)};
+        MetricRow row{step, double(step) / per_epoch, mean_loss, lr, evaluate(classifier, dev, &parallel)};
         running_loss = 0;
         running_count = 0;
         result.history.push_back(row);
@@ -336,26 +398,26 @@ inline TrainResult train(const lora::models::SequenceClassifier& classifier, con
           metrics << metrics_line(row);
           metrics.flush();
         }
-        if (options.progress) {
+        if (options.progress && main) {
           std::fprintf(stderr, "%s  step %lld  train loss %.4f  dev accuracy %.4f  F1 %.4f  loss %.4f\n", tty ? "\r" : "",
                        (long long)step, row.train_loss, row.dev.accuracy, row.dev.f1, row.dev.loss);
         }
         if (row.dev.accuracy > result.best.accuracy) {
           result.best = row.dev;
           result.best_step = step;
-          if (on_best) on_best(step);
+          if (on_best && main) on_best(step);
         }
       }
       if (options.checkpoint_every > 0 && step % options.checkpoint_every == 0 && step < total &&
           !options.checkpoint_dir.empty()) {
         detail::Checkpoint::save(options.checkpoint_dir, parameters, optimizer, result, step, running_loss,
-                                 running_count);
+                                 running_count, parallel);
       }
     }
   }
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   result.steps = step;
-  if (!options.checkpoint_dir.empty()) std::filesystem::remove_all(options.checkpoint_dir);  // finished
+  if (!options.checkpoint_dir.empty() && main) std::filesystem::remove_all(options.checkpoint_dir);  // finished
   model.eval();
   return result;
 }

@@ -229,7 +229,8 @@ inline AdapterFiles read_adapter_files(const std::string& dir, const std::string
               "original model would be wrong. Load it onto the residual model, or convert it to a plain LoRA "
               "adapter first (PEFT: path_initial_model_for_weight_conversion)");
   const auto file = (adapter_folder(dir, name) / "adapter_model.safetensors").string();
-  auto tensors = load_safetensors(file).tensors;
+  // Read, not mapped: adapters are small, and then nothing depends on the file once it is read.
+  auto tensors = load_safetensors(file, SafetensorsReadOptions{std::nullopt, FileAccess::kCopy}).tensors;
   const auto& prefix = peft_prefix();
   const TargetMatcher matcher(config);
   for (const auto& item : tensors) {

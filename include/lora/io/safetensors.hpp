@@ -1,7 +1,7 @@
 #pragma once
 
 /// \file
-/// safetensors files: read (memory-mapped, zero-copy where alignment allows) and write
+/// safetensors files: read (memory-mapped, zero-copy where alignment allows, or copied) and write
 /// (atomically), as Hugging Face's reference implementation defines them.
 ///
 /// Layout: an 8-byte little-endian header length N, N bytes of JSON
@@ -13,6 +13,7 @@
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <limits>
@@ -42,6 +43,23 @@ namespace lora::io {
 struct Safetensors {
   torch::OrderedDict<std::string, at::Tensor> tensors{"tensor"};
   std::map<std::string, std::string> metadata;
+};
+
+/// How `load_safetensors` holds a file's bytes.
+enum class FileAccess {
+  /// Memory-mapped, private: no copy, pages read when first touched, released when the last
+  /// tensor over them goes. The risk: if another process truncates the file while such tensors
+  /// live, the next access to a page past the new end raises SIGBUS, which kills the process.
+  kMap,
+  /// Read into memory once (one allocation of the file's size): the tensors never depend on the
+  /// file again, and a file that shrinks while it is read is an error, not a signal.
+  kCopy,
+};
+
+struct SafetensorsReadOptions {
+  /// Floating-point tensors are converted to it (integer and bool tensors are left as they are).
+  std::optional<c10::ScalarType> dtype;
+  FileAccess access = FileAccess::kMap;
 };
 
 namespace detail {
@@ -79,11 +97,11 @@ inline bool little_endian() {
   return first == 1;
 }
 
-/// A read-only view of a file's bytes, mapped copy-on-write so tensors over it may be written
-/// to without touching the file.
-class Mapping {
+/// A file's bytes, either memory-mapped (private, copy-on-write: tensors over it may be written
+/// to without touching the file) or read into one aligned allocation.
+class FileBytes {
  public:
-  explicit Mapping(const std::string& path) {
+  FileBytes(const std::string& path, FileAccess access) {
     const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     TORCH_CHECK(fd >= 0, "safetensors: cannot open '", path, "': ", std::strerror(errno));
     struct stat info {};
@@ -93,21 +111,51 @@ class Mapping {
       TORCH_CHECK(false, "safetensors: cannot stat '", path, "': ", std::strerror(error));
     }
     size_ = static_cast<size_t>(info.st_size);
-    if (size_ > 0) {
+    if (size_ == 0) {
+      ::close(fd);
+      return;
+    }
+    if (access == FileAccess::kMap) {
       void* data = ::mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
       const int error = errno;
       ::close(fd);
       TORCH_CHECK(data != MAP_FAILED, "safetensors: cannot map '", path, "': ", std::strerror(error));
       data_ = static_cast<uint8_t*>(data);
-    } else {
+      mapped_ = true;
+      return;
+    }
+    // 64-byte aligned (and a multiple of it, as aligned_alloc wants), so that tensors can view it.
+    data_ = static_cast<uint8_t*>(std::aligned_alloc(64, (size_ + 63) / 64 * 64));
+    if (data_ == nullptr) {
       ::close(fd);
+      TORCH_CHECK(false, "safetensors: cannot allocate ", size_, " bytes to read '", path, "'");
+    }
+    size_t done = 0;
+    while (done < size_) {
+      const ssize_t got = ::read(fd, data_ + done, size_ - done);
+      if (got < 0 && errno == EINTR) continue;
+      if (got <= 0) {
+        const int error = got < 0 ? errno : 0;
+        ::close(fd);
+        std::free(data_);
+        data_ = nullptr;
+        TORCH_CHECK(false, "safetensors: reading '", path, "' stopped at byte ", done, " of ", size_,
+                    error != 0 ? ": " : " (the file shrank while it was read)", error != 0 ? std::strerror(error) : "");
+      }
+      done += static_cast<size_t>(got);
+    }
+    ::close(fd);
+  }
+  ~FileBytes() {
+    if (data_ == nullptr) return;
+    if (mapped_) {
+      ::munmap(data_, size_);
+    } else {
+      std::free(data_);
     }
   }
-  ~Mapping() {
-    if (data_ != nullptr) ::munmap(data_, size_);
-  }
-  Mapping(const Mapping&) = delete;
-  Mapping& operator=(const Mapping&) = delete;
+  FileBytes(const FileBytes&) = delete;
+  FileBytes& operator=(const FileBytes&) = delete;
 
   uint8_t* data() const { return data_; }
   size_t size() const { return size_; }
@@ -115,6 +163,7 @@ class Mapping {
  private:
   uint8_t* data_ = nullptr;
   size_t size_ = 0;
+  bool mapped_ = false;
 };
 
 /// Header entries, checked against each other and against the data size.
@@ -239,21 +288,24 @@ inline std::vector<Entry> parse_header(const uint8_t* bytes, size_t size, const 
 
 /// Reads a safetensors file.
 ///
-/// The file is memory-mapped; each tensor whose data is suitably aligned is a view of the
-/// mapping (no copy; the mapping lives as long as any such tensor), others are copied. The
-/// mapping is private: writing to a tensor never changes the file. With `dtype`, floating-point
-/// tensors are converted to it (integer and bool tensors are left as they are).
+/// By default the file is memory-mapped (`FileAccess::kMap`); each tensor whose data is suitably
+/// aligned is a view of the mapping (no copy; the mapping lives as long as any such tensor),
+/// others are copied. The mapping is private: writing to a tensor never changes the file. With
+/// `FileAccess::kCopy` the file is read into memory instead, for files another process may
+/// rewrite or truncate while the tensors are in use. With `dtype`, floating-point tensors are
+/// converted to it (integer and bool tensors are left as they are).
 ///
 ///     auto file = lora::io::load_safetensors("model.safetensors");
 ///     at::Tensor w = file.tensors["bert.embeddings.word_embeddings.weight"];
-inline Safetensors load_safetensors(const std::string& path, std::optional<c10::ScalarType> dtype = std::nullopt) {
+///     auto kept = lora::io::load_safetensors("adapter.safetensors", {at::kFloat, lora::io::FileAccess::kCopy});
+inline Safetensors load_safetensors(const std::string& path, const SafetensorsReadOptions& options) {
   TORCH_CHECK(detail::little_endian(), "safetensors: reading needs a little-endian machine");
-  auto mapping = std::make_shared<detail::Mapping>(path);
+  auto bytes = std::make_shared<detail::FileBytes>(path, options.access);
   Safetensors result;
-  const auto entries = detail::parse_header(mapping->data(), mapping->size(), path, result.metadata);
-  uint8_t* data = mapping->data() == nullptr ? nullptr : mapping->data() + 8 + detail::read_u64_le(mapping->data());
+  const auto entries = detail::parse_header(bytes->data(), bytes->size(), path, result.metadata);
+  uint8_t* data = bytes->data() == nullptr ? nullptr : bytes->data() + 8 + detail::read_u64_le(bytes->data());
   for (const auto& entry : entries) {
-    const auto options = at::TensorOptions().dtype(entry.dtype);
+    const auto tensor_options = at::TensorOptions().dtype(entry.dtype);
     uint8_t* begin = data + entry.begin;
     at::Tensor tensor;
     const auto itemsize = c10::elementSize(entry.dtype);
@@ -264,15 +316,21 @@ inline Safetensors load_safetensors(const std::string& path, std::optional<c10::
                   bad - begin, " (only 0 and 1 are valid)");
     }
     if (reinterpret_cast<uintptr_t>(begin) % itemsize == 0 && entry.end > entry.begin) {
-      tensor = at::from_blob(begin, entry.shape, [mapping](void*) {}, options);
+      tensor = at::from_blob(begin, entry.shape, [bytes](void*) {}, tensor_options);
     } else {
-      tensor = at::empty(entry.shape, options);
+      tensor = at::empty(entry.shape, tensor_options);
       if (entry.end > entry.begin) std::memcpy(tensor.data_ptr(), begin, entry.end - entry.begin);
     }
-    if (dtype && at::isFloatingType(entry.dtype) && entry.dtype != *dtype) tensor = tensor.to(*dtype);
+    if (options.dtype && at::isFloatingType(entry.dtype) && entry.dtype != *options.dtype) {
+      tensor = tensor.to(*options.dtype);
+    }
     result.tensors.insert(entry.name, std::move(tensor));
   }
   return result;
+}
+
+inline Safetensors load_safetensors(const std::string& path, std::optional<c10::ScalarType> dtype = std::nullopt) {
+  return load_safetensors(path, SafetensorsReadOptions{dtype, FileAccess::kMap});
 }
 
 /// Writes tensors (and `__metadata__` strings) as a safetensors file that the reference

@@ -48,7 +48,7 @@ inline BertForSequenceClassification load_bert_for_sequence_classification(const
       BertConfig::from_file(config_path_for(folder, "bert", "load_bert_for_sequence_classification")));
   auto fresh = options;
   fresh.init_missing_classifier = true;  // a new model: transformers' initialisation, not LibTorch's
-  load_bert_state(*model, read_checkpoint_tensors(folder), fresh, "'" + folder + "'");
+  load_bert_state(*model, read_checkpoint_tensors(folder, options.file_access), fresh, "'" + folder + "'");
   return model;
 }
 

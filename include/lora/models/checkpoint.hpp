@@ -50,6 +50,10 @@ struct LoadOptions {
   /// σ = initializer range, zero bias) instead of keeping the model's values. Default false;
   /// loading a folder into a fresh model (`load_*_for_sequence_classification`) sets it.
   bool init_missing_classifier = false;
+  /// How the folder's safetensors files are read. The tensors are copied into the model, so a
+  /// mapping lives only while the load runs; `io::FileAccess::kCopy` reads them into memory
+  /// instead (transiently the files' size more), for folders another process may be rewriting.
+  io::FileAccess file_access = io::FileAccess::kMap;
 };
 
 /// How one family's checkpoints name their tensors, and what a sequence-classification model
@@ -204,14 +208,15 @@ inline LoadReport load_checkpoint_state(torch::nn::Module& model,
 /// Reads every tensor of a checkpoint folder: `model.safetensors`, or the shards listed in
 /// `model.safetensors.index.json`. A folder with only `pytorch_model.bin` is refused with the
 /// command that converts it.
-inline torch::OrderedDict<std::string, at::Tensor> read_checkpoint_tensors(const std::string& folder) {
+inline torch::OrderedDict<std::string, at::Tensor> read_checkpoint_tensors(
+    const std::string& folder, io::FileAccess access = io::FileAccess::kMap) {
   namespace fs = std::filesystem;
   const fs::path dir(folder);
   std::error_code error;
   TORCH_CHECK(fs::is_directory(dir, error), "checkpoint: '", folder, "' is not a folder");
   torch::OrderedDict<std::string, at::Tensor> tensors("checkpoint tensor");
   if (fs::exists(dir / "model.safetensors", error)) {
-    return io::load_safetensors((dir / "model.safetensors").string(), at::kFloat).tensors;
+    return io::load_safetensors((dir / "model.safetensors").string(), {at::kFloat, access}).tensors;
   }
   if (fs::exists(dir / "model.safetensors.index.json", error)) {
     std::ifstream in(dir / "model.safetensors.index.json");
@@ -232,7 +237,7 @@ inline torch::OrderedDict<std::string, at::Tensor> read_checkpoint_tensors(const
     for (const auto& shard : shards) {
       TORCH_CHECK(shard.find('/') == std::string::npos && shard.find("..") == std::string::npos,
                   "checkpoint: shard name '", shard, "' in '", folder, "' must be a plain file name");
-      for (const auto& item : io::load_safetensors((dir / shard).string(), at::kFloat).tensors) {
+      for (const auto& item : io::load_safetensors((dir / shard).string(), {at::kFloat, access}).tensors) {
         tensors.insert(item.key(), item.value());
       }
     }

@@ -46,7 +46,7 @@ inline DistilBertForSequenceClassification load_distilbert_for_sequence_classifi
       config_path_for(folder, "distilbert", "load_distilbert_for_sequence_classification")));
   auto fresh = options;
   fresh.init_missing_classifier = true;
-  load_distilbert_state(*model, read_checkpoint_tensors(folder), fresh, "'" + folder + "'");
+  load_distilbert_state(*model, read_checkpoint_tensors(folder, options.file_access), fresh, "'" + folder + "'");
   return model;
 }
 

@@ -37,7 +37,7 @@ inline RobertaForSequenceClassification load_roberta_for_sequence_classification
       RobertaConfig::from_file(config_path_for(folder, "roberta", "load_roberta_for_sequence_classification")));
   auto fresh = options;
   fresh.init_missing_classifier = true;
-  load_roberta_state(*model, read_checkpoint_tensors(folder), fresh, "'" + folder + "'");
+  load_roberta_state(*model, read_checkpoint_tensors(folder, options.file_access), fresh, "'" + folder + "'");
   return model;
 }
 
