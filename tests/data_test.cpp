@@ -115,6 +115,20 @@ TEST_F(DataTest, TrainingBatchesAreShuffledBySeedAndBucketedByLength) {
   lora::data::Batcher plain(examples, tokenizer(), options);
   const double bucketed = a.padding_ratio(0), unbucketed = plain.padding_ratio(0);
   EXPECT_LT(bucketed, 0.25 * unbucketed) << "bucketed " << bucketed << ", plain " << unbucketed;
+  // Padded to max_length: every batch 40 wide (the longest row has 1 + 36 + 2 = 39 tokens), the
+  // same rows in the same order as dynamic padding, and more padding than either.
+  options.padding = lora::tokenizers::Padding::kMaxLength;
+  options.max_length = 40;
+  lora::data::Batcher fixed(examples, tokenizer(), options);
+  const auto fixed_batches = fixed.epoch(0), plain_batches = plain.epoch(0);
+  ASSERT_EQ(fixed_batches.size(), plain_batches.size());
+  for (size_t i = 0; i < fixed_batches.size(); ++i) {
+    EXPECT_EQ(fixed_batches[i].inputs.input_ids.size(1), 40);
+    EXPECT_EQ(fixed_batches[i].indices, plain_batches[i].indices);
+    const auto width = plain_batches[i].inputs.input_ids.size(1);
+    EXPECT_TRUE(torch::equal(fixed_batches[i].inputs.input_ids.narrow(1, 0, width), plain_batches[i].inputs.input_ids));
+  }
+  EXPECT_GT(fixed.padding_ratio(0), unbucketed);
   options.batch_size = 0;
   LORA_EXPECT_THROWS_WITH(lora::data::Batcher(examples, tokenizer(), options), "batch_size must be > 0 (got 0)");
 }

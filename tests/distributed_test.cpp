@@ -356,18 +356,20 @@ TEST_F(DistributedTest, BucketsFollowTheOptionsAndCountTheBytes) {
   LORA_EXPECT_THROWS_WITH(GradientSynchronizer(single, {frozen}), "parameter 0 does not require grad");
 }
 
-// An unused parameter counts as zero on its rank; gradient accumulation under no_sync sums the
+// A parameter unused on one rank counts as zero there (unused on all: no gradient at all); gradient accumulation under no_sync sums the
 // micro-batches locally and synchronises once; a second backward without it is refused.
 TEST_F(DistributedTest, UnusedParametersAndAccumulatedGradientsAreSummedCorrectly) {
   std::vector<torch::Tensor> a_grads(2), b_grads(2);
-  std::vector<std::string> refusals(2);
+  std::vector<bool> c_has_grad(2, true);
+  std::vector<std::string> refusals(2), quiet_refusals(2);
   const auto errors = run_ranks(2, [&](ProcessGroup& group) {
     const auto r = static_cast<size_t>(group.rank());
     auto a = torch::ones({3}, torch::requires_grad());
     auto b = torch::ones({2}, torch::requires_grad());
+    auto c = torch::ones({2}, torch::requires_grad());  // used on no rank
     GradientSyncOptions options;
     options.average = false;
-    GradientSynchronizer sync(group, {a, b}, options);
+    GradientSynchronizer sync(group, {a, b, c}, options);
     {
       auto no_sync = sync.no_sync();
       (a * double(r + 1)).sum().backward();  // micro-batch 1: a only
@@ -378,12 +380,19 @@ TEST_F(DistributedTest, UnusedParametersAndAccumulatedGradientsAreSummedCorrectl
     sync.synchronize();
     a_grads[r] = a.grad().clone();
     b_grads[r] = b.grad().clone();
+    c_has_grad[r] = c.grad().defined();
     // Both ranks refuse the same way, so their collectives stay matched.
     (a * 1.0).sum().backward();
     try {
       (a * 1.0).sum().backward();
     } catch (const c10::Error& error) {
       refusals[r] = error.what();
+    }
+    try {  // under no_sync too: that micro-batch would be lost
+      auto no_sync = sync.no_sync();
+      (a * 1.0).sum().backward();
+    } catch (const c10::Error& error) {
+      quiet_refusals[r] = error.what();
     }
     sync.synchronize();
   });
@@ -393,6 +402,8 @@ TEST_F(DistributedTest, UnusedParametersAndAccumulatedGradientsAreSummedCorrectl
     EXPECT_TRUE(torch::equal(a_grads[r], torch::full({3}, 23.0f))) << a_grads[r];
     EXPECT_TRUE(torch::equal(b_grads[r], torch::full({2}, 3.0f))) << b_grads[r];
     EXPECT_NE(refusals[r].find("got a second gradient before synchronize()"), std::string::npos) << refusals[r];
+    EXPECT_NE(quiet_refusals[r].find("got a second gradient"), std::string::npos) << quiet_refusals[r];
+    EXPECT_FALSE(c_has_grad[r]) << "a parameter no rank used keeps no gradient, as in one process";
   }
 }
 

@@ -276,6 +276,7 @@ struct TrainFlags {
   int64_t checkpoint_every = 0;
   bool skip_nonfinite = false;
   double model_dropout = -1;  // < 0: the model config's
+  std::string batching = "buckets";
   bool distributed = false;
 };
 
@@ -355,7 +356,12 @@ int run_train(const TrainFlags& flags) {
   lora::data::Batcher dev(dev_examples, tokenizer, batching);
   batching.shuffle = true;
   batching.seed = flags.seed;
+  batching.bucket = flags.batching == "buckets";
+  if (flags.batching == "max-length") batching.padding = lora::tokenizers::Padding::kMaxLength;
   lora::data::Batcher train_set(train_examples, tokenizer, batching);
+  out << "batching " << flags.batching << ": " << std::fixed << std::setprecision(1)
+      << 100 * train_set.padding_ratio(0) << " padding tokens per 100 real ones (first epoch)\n";
+  out.unsetf(std::ios::fixed);
 
   fs::create_directories(flags.out);
   sentiment::TrainOptions training;
@@ -375,6 +381,7 @@ int run_train(const TrainFlags& flags) {
   training.interrupt = &interrupted;
   training.parallel = &parallel;
   std::signal(SIGINT, on_interrupt);
+  std::signal(SIGTERM, on_interrupt);  // what job schedulers (and scripts/launch.sh) send
   auto save_best = [&](int64_t) {
     if (flags.mode != "lora") {
       model.save((fs::path(flags.out) / "best").string(), lora::models::tokenizer_files(flags.model));
@@ -387,7 +394,12 @@ int run_train(const TrainFlags& flags) {
     out << "gradient all-reduce: " << parallel.gradient_bytes() << " bytes per step\n";
   }
   if (result.interrupted) return 130;
-  if (!parallel.is_main()) return 0;  // rank 0 writes the chart and the merged model
+  if (!parallel.is_main()) return 0;
+  if (result.seconds > 0 && result.tokens > 0) {
+    out << std::fixed << std::setprecision(0) << result.tokens / result.seconds << " real tokens/s ("
+        << result.padded_tokens / result.seconds << " with padding) over " << std::setprecision(1) << result.seconds
+        << " s, evaluation included\n";
+  }  // rank 0 writes the chart and the merged model
   if (result.skipped > 0) out << result.skipped << " step(s) skipped for a non-finite loss or gradient\n";
   std::ofstream(fs::path(flags.out) / "learning_curve.svg")
       << sentiment::learning_curve_svg(result.history, "lora-sentiment: " + flags.mode);
@@ -502,6 +514,11 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   train_cmd->add_flag("--skip-nonfinite", train.skip_nonfinite,
                       "skip a step whose loss or gradient is NaN/Inf (default: stop with an error naming the step)");
+  train_cmd->add_option("--batching", train.batching,
+                         "buckets: batches of similar lengths, dynamically padded; random: shuffled rows, "
+                         "dynamically padded; max-length: shuffled rows padded to --max-length")
+      ->check(CLI::IsMember({"buckets", "random", "max-length"}))
+      ->capture_default_str();
   train_cmd->add_option("--model-dropout", train.model_dropout,
                          "dropout probability of the model's own layers (default: its config's)")
       ->check(CLI::Range(0.0, 0.999));
@@ -537,6 +554,12 @@ int main(int argc, char** argv) {
       TORCH_CHECK(folder.empty() != hub_name.empty(), "give --model DIR or --hf-model NAME (one of them)");
       if (!hub_name.empty()) folder = sentiment::fetch_hf_model(hub_name);
     };
+#ifdef LORA_SENTIMENT_DISTRIBUTED
+    // Every rank would download into the same cache files at once.
+    TORCH_CHECK(!*train_cmd || train.hf_model.empty() || !(train.distributed || lora::distributed::launched_distributed()),
+                "--hf-model with several processes: download once first (lora-sentiment train --hf-model ", train.hf_model,
+                " --steps 1 ..., or any command with --hf-model), then give every rank --model with the cached folder");
+#endif
     if (*train_cmd) resolve(train.model, train.hf_model);
     if (*eval_cmd || *predict_cmd) resolve(model_folder, hf_model);
     const auto identity = hf_model.empty() ? model_folder : hf_model;  // what adapters record as their base

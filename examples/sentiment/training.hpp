@@ -125,6 +125,8 @@ struct TrainResult {
   bool interrupted = false;  ///< stopped early; a checkpoint was written
   int64_t steps = 0;         ///< steps done (in total, over resumed runs)
   int64_t skipped = 0;       ///< steps skipped for a non-finite loss or gradient (this run)
+  int64_t tokens = 0;        ///< real (not padding) tokens trained on (this run)
+  int64_t padded_tokens = 0; ///< tokens including padding (this run)
 };
 
 namespace detail {
@@ -373,6 +375,8 @@ inline TrainResult train(const lora::models::SequenceClassifier& classifier, con
       } else {
         optimizer.step();
         examples += rows;
+        result.tokens += batch.inputs.attention_mask.sum().item<int64_t>();
+        result.padded_tokens += batch.inputs.attention_mask.numel();
         running_loss += loss_value;
         ++running_count;
       }

@@ -31,6 +31,8 @@ done
 grep -q '"dev_accuracy"' "$work/run/metrics.jsonl" || fail "metrics.jsonl lacks dev_accuracy"
 grep -q '<polyline' "$work/run/learning_curve.svg" || fail "the chart has no curve"
 grep -q '"peft_type": "LORA"' "$work/run/adapter/adapter_config.json" || fail "adapter_config.json is not PEFT's"
+grep -Eq '^batching buckets: [0-9.]+ padding tokens per 100 real ones' "$work/train.txt" || fail "no padding share printed"
+grep -Eq '^[0-9]+ real tokens/s \([0-9]+ with padding\)' "$work/train.txt" || fail "no token rate printed"
 
 # predict: label TAB probability TAB sentence, from arguments and from stdin; adapter and merged agree.
 out=$("$bin" predict --model "$backbone" --adapter "$work/run/adapter" "the film was good" "the plot was not good")

@@ -37,6 +37,9 @@ struct BatcherOptions {
   bool bucket = true;
   int64_t bucket_batches = 50;
   uint64_t seed = 0;
+  /// kLongest: each batch padded to its longest row (dynamic padding). kMaxLength: every batch
+  /// padded to `max_length`, the fixed shape of the simplest recipes (the costliest).
+  tokenizers::Padding padding = tokenizers::Padding::kLongest;
 };
 
 /// Tokenizes a set of examples once and hands out batches.
@@ -129,7 +132,7 @@ class Batcher {
       labels.push_back(labels_[static_cast<size_t>(index)]);
     }
     Batch batch;
-    batch.inputs = tokenizers::pad_encodings(rows, pad_id_, tokenizers::Padding::kLongest, options_.max_length, "Batcher");
+    batch.inputs = tokenizers::pad_encodings(rows, pad_id_, options_.padding, options_.max_length, "Batcher");
     batch.labels = at::tensor(labels, at::kLong);
     batch.indices = std::move(indices);
     return batch;

@@ -80,10 +80,22 @@ class GradientSynchronizer {
   GradientSynchronizer& operator=(const GradientSynchronizer&) = delete;
 
   /// After backward: finishes every bucket's all-reduce (starting those whose gradients never
-  /// came: unused parameters count as zero) and writes the results into `.grad`.
+  /// came: a parameter without a gradient on some rank counts as zero there) and writes the
+  /// results into `.grad`. A parameter without a gradient on every rank keeps none, as in one
+  /// process (so that the optimizer skips it). After a failure (a peer died) the synchronizer is
+  /// reset: nothing of the failed step is kept.
   void synchronize() {
     if (group_.world_size() == 1) return;
     std::lock_guard<std::mutex> lock(mutex_);
+    struct Reset {  // on success and on failure alike
+      GradientSynchronizer& owner;
+      ~Reset() { owner.reset_step(); }
+    } reset{*this};
+    auto had_gradient = at::zeros({static_cast<int64_t>(parameters_.size())}, at::kFloat);
+    auto* flags = had_gradient.data_ptr<float>();
+    for (size_t k = 0; k < parameters_.size(); ++k) {
+      if (slots_[k].ready || parameters_[k].grad().defined()) flags[k] = 1;
+    }
     for (size_t b = next_launch_; b < buckets_.size(); ++b) {
       for (const auto k : buckets_[b].members) {
         if (slots_[k].ready) continue;
@@ -98,6 +110,7 @@ class GradientSynchronizer {
       }
     }
     launch_ready_buckets();
+    const auto used = group_.start_all_reduce_sum(had_gradient);
     for (size_t b = 0; b < buckets_.size(); ++b) {
       const auto what = "gradient all-reduce (bucket " + std::to_string(b + 1) + " of " +
                         std::to_string(buckets_.size()) + ")";
@@ -105,17 +118,16 @@ class GradientSynchronizer {
       buckets_[b].work.reset();
       if (options_.average) buckets_[b].flat.div_(group_.world_size());
     }
+    group_.wait(used, "all-reduce of which parameters have gradients");
     for (size_t k = 0; k < parameters_.size(); ++k) {
+      if (flags[k] == 0) continue;  // no rank has a gradient for it
       auto& gradient = parameters_[k].mutable_grad();
       if (gradient.defined()) {
         gradient.copy_(slice(k));
       } else {
         gradient = slice(k).clone();
       }
-      slots_[k].ready = false;
     }
-    for (auto& bucket : buckets_) bucket.ready = 0;
-    next_launch_ = 0;
   }
 
   /// While the returned guard lives, backward passes only accumulate locally (gradient
@@ -169,12 +181,12 @@ class GradientSynchronizer {
   // Autograd calls this before accumulating `gradient` into .grad: the bucket gets the value
   // .grad will hold (the old value plus this one), so accumulation works as without hooks.
   void on_gradient(size_t k, const at::Tensor& gradient) {
-    if (!enabled_) return;
     std::lock_guard<std::mutex> lock(mutex_);
     auto& slot = slots_[k];
     TORCH_CHECK(!slot.ready, "GradientSynchronizer: parameter ", k,
                 " got a second gradient before synchronize(); run the backward passes of gradient accumulation "
-                "but the last under no_sync()");
+                "but the last under no_sync(), and synchronize() after the last");
+    if (!enabled_) return;
     at::NoGradGuard no_grad;
     const auto& old = parameters_[k].grad();
     auto destination = slice(k);
@@ -186,6 +198,15 @@ class GradientSynchronizer {
     slot.ready = true;
     ++buckets_[slot.bucket].ready;
     launch_ready_buckets();
+  }
+
+  void reset_step() {
+    for (auto& slot : slots_) slot.ready = false;
+    for (auto& bucket : buckets_) {
+      bucket.ready = 0;
+      bucket.work.reset();
+    }
+    next_launch_ = 0;
   }
 
   // In bucket order only, so that every rank issues the same collectives in the same order.

@@ -145,9 +145,7 @@ class ProcessGroup {
       }
       collectives_ = c10::make_intrusive<::c10d::ProcessGroupGloo>(
           c10::make_intrusive<::c10d::PrefixStore>("lora", store), options_.rank, options_.world_size, gloo_options);
-    } catch (const c10::Error&) {
-      throw;
-    } catch (const std::exception& error) {
+    } catch (const std::exception& error) {  // c10::Error (store timeouts) included: say where and why
       TORCH_CHECK(false, "distributed: rank ", options_.rank, " of ", options_.world_size, " could not join the group at ",
                   where(), " within ", options_.timeout.count(), " ms: ", error.what());
     }
@@ -164,6 +162,8 @@ class ProcessGroup {
   std::vector<at::Tensor>& all_reduce_sum(std::vector<at::Tensor>& tensors, const char* what = "all-reduce") {
     if (world_size() == 1 || tensors.empty()) return tensors;
     for (auto& tensor : tensors) {
+      TORCH_CHECK(tensor.is_contiguous(), "distributed: ", what, " needs contiguous tensors (got strides ",
+                  tensor.strides(), ")");
       ::c10d::AllreduceOptions options;
       options.reduceOp = ::c10d::ReduceOp::SUM;
       options.timeout = options_.timeout;
@@ -181,6 +181,7 @@ class ProcessGroup {
   /// Every rank must start the same collectives in the same order.
   c10::intrusive_ptr<::c10d::Work> start_all_reduce_sum(at::Tensor& tensor) {
     TORCH_CHECK(world_size() > 1, "distributed: start_all_reduce_sum needs more than one rank");
+    TORCH_CHECK(tensor.is_contiguous(), "distributed: all-reduce needs a contiguous tensor");
     ::c10d::AllreduceOptions options;
     options.reduceOp = ::c10d::ReduceOp::SUM;
     options.timeout = options_.timeout;
@@ -221,8 +222,8 @@ class ProcessGroup {
   std::vector<at::Tensor> all_gather(const at::Tensor& tensor) {
     if (world_size() == 1) return {tensor.clone()};
     std::vector<std::vector<at::Tensor>> outputs(1);
-    for (int r = 0; r < world_size(); ++r) outputs[0].push_back(at::empty_like(tensor));
     std::vector<at::Tensor> input{tensor.contiguous()};
+    for (int r = 0; r < world_size(); ++r) outputs[0].push_back(at::empty(tensor.sizes(), tensor.options()));
     ::c10d::AllgatherOptions options;
     options.timeout = options_.timeout;
     wait(collectives_->allgather(outputs, input, options), "all-gather");

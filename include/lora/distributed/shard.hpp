@@ -48,7 +48,9 @@ inline std::optional<data::Batch> shard(const data::Batch& batch, int rank, int 
   part.inputs.attention_mask = cut(batch.inputs.attention_mask);
   part.inputs.token_type_ids = cut(batch.inputs.token_type_ids);
   part.labels = batch.labels.defined() ? batch.labels.narrow(0, first, last - first) : batch.labels;
-  part.indices.assign(batch.indices.begin() + first, batch.indices.begin() + last);
+  if (static_cast<int64_t>(batch.indices.size()) == rows) {  // a hand-made batch may have none
+    part.indices.assign(batch.indices.begin() + first, batch.indices.begin() + last);
+  }
   return part;
 }
 
