@@ -23,12 +23,12 @@
 #include <string>
 #include <vector>
 
-#include <lora/data/tsv.hpp>
 #include <lora/distributed.hpp>
 #include <lora/lora.hpp>
 #include <lora/models/bert_checkpoint.hpp>
-#include <lora/tokenizers/wordpiece.hpp>
 #include <torch/torch.h>
+
+#include "sst2_lengths.hpp"
 
 namespace {
 
@@ -52,21 +52,10 @@ lora::models::BertConfig config_for(const std::string& size) {
   return config;
 }
 
-std::vector<int64_t> row_lengths() {
-  const char* shared = std::getenv("LORA_SHARED_DIR");
-  if (shared == nullptr) return {64};
-  const std::string root = shared;
-  const auto tokenizer = lora::tokenizers::WordPieceTokenizer::from_file(root + "/data/vocab/bert-base-uncased.txt");
-  std::vector<int64_t> lengths;
-  for (const auto& example : lora::data::read_tsv(root + "/data/sst2/train.tsv", lora::data::Layout::kGlue).examples) {
-    lengths.push_back(std::min<int64_t>(128, static_cast<int64_t>(tokenizer.tokenize_ids(example.text).size()) + 2));
-  }
-  return lengths;
-}
-
 /// The same global batches in every process: a seeded draw of row lengths, right-padded.
 std::vector<lora::data::Batch> global_batches(int count, int rows, int64_t vocab) {
-  const auto lengths = row_lengths();
+  auto lengths = sst2_lengths();
+  if (lengths.empty()) lengths = {64};
   std::mt19937_64 random(42);
   std::vector<lora::data::Batch> batches;
   for (int b = 0; b < count; ++b) {

@@ -39,6 +39,8 @@
 #include <torch/csrc/autograd/profiler_legacy.h>
 #include <torch/torch.h>
 
+#include "sst2_lengths.hpp"
+
 namespace {
 
 using lora::models::BertConfig;
@@ -88,19 +90,6 @@ Batch make_batch(const std::vector<int64_t>& lengths, int64_t vocab, std::mt1993
     batch.tokens += length;
   }
   return batch;
-}
-
-/// Token counts ([CLS] + WordPiece + [SEP]) of the SST-2 training sentences, or empty without ../shared.
-std::vector<int64_t> sst2_lengths() {
-  const char* shared = std::getenv("LORA_SHARED_DIR");
-  if (shared == nullptr) return {};
-  const std::string root = shared;
-  const auto tokenizer = lora::tokenizers::WordPieceTokenizer::from_file(root + "/data/vocab/bert-base-uncased.txt");
-  std::vector<int64_t> lengths;
-  for (const auto& example : lora::data::read_tsv(root + "/data/sst2/train.tsv", lora::data::Layout::kGlue).examples) {
-    lengths.push_back(std::min<int64_t>(128, static_cast<int64_t>(tokenizer.tokenize_ids(example.text).size()) + 2));
-  }
-  return lengths;
 }
 
 /// Multiply-adds ×2 of one forward pass: the linear layers, and attention's two batched products.
