@@ -312,10 +312,10 @@ TEST_F(InjectTest, ErrorsNameWhatWasWrong) {
   TinyBert model;
   LORA_EXPECT_THROWS_WITH(lora::inject(*model, LoraConfig(LoRAOptions(2)).target_modules({"LayerNorm"})),
                           "module 'encoder.layer.0.attention.output.LayerNorm' (torch::nn::LayerNormImpl) matches the "
-                          "targets but is not a Linear layer");
+                          "targets but is not a layer adapters attach to");
   LORA_EXPECT_THROWS_WITH(lora::inject(*model, LoraConfig(LoRAOptions(2)).target_modules({"attention"})),
                           "module 'encoder.layer.0.attention' (lora::testing::AttentionImpl) matches the targets but "
-                          "is not a Linear layer");
+                          "is not a layer adapters attach to");
   LORA_EXPECT_THROWS_WITH(lora::inject(*model, LoraConfig(LoRAOptions(2)).target_modules({"qkv"})),
                           "no module matches the targets (qkv); linear modules in the model: "
                           "encoder.layer.0.attention.self.query, encoder.layer.0.attention.self.key");

@@ -655,3 +655,49 @@ TEST_F(PeftTest, AdapterFoldersAreReplacedAsAUnit) {
   std::ofstream(path("plain")) << "x";
   LORA_EXPECT_THROWS_WITH(lora::io::save_adapter(*model, path("plain/adapter")), "cannot create folder");
 }
+
+TEST_F(PeftTest, PissaAdapterSavedAgainstItsInitialStateLoadsOntoTheOriginalModel) {
+  auto [model, original] = twins();
+  const auto config = LoraConfig(LoRAOptions(2).alpha(4).init("pissa")).target_modules({"query", "value"});
+  lora::inject(*model, config);  // query/value weights are now residuals
+  lora::io::save_adapter(*model, path("pissa-init"));
+  perturb_trainable(*model);  // training
+  lora::io::SaveOptions options;
+  options.initial_adapter = path("pissa-init");
+  lora::io::save_adapter(*model, path("as-lora"), "default", options);
+
+  // PEFT's conversion: twice the rank and alpha (the same scale), a plain initialisation.
+  const auto saved = lora::io::read_adapter_config(path("as-lora"));
+  EXPECT_EQ(saved.adapter().r(), 4);
+  EXPECT_EQ(saved.adapter().alpha(), 8.0);
+  EXPECT_EQ(saved.adapter().init(), "default");
+  EXPECT_EQ(lora::io::adapter_config_json(saved)["init_lora_weights"], true);
+  const auto tensors = lora::io::load_safetensors(path("as-lora") + "/adapter_model.safetensors").tensors;
+  const auto initial = lora::io::load_safetensors(path("pissa-init") + "/adapter_model.safetensors").tensors;
+  const std::string A = "base_model.model.encoder.layer.0.attention.self.query.lora_A.weight";
+  const std::string B = "base_model.model.encoder.layer.0.attention.self.query.lora_B.weight";
+  EXPECT_EQ(tensors[A].sizes(), (std::vector<int64_t>{4, lora::testing::kHidden}));
+  EXPECT_TRUE(torch::equal(tensors[A].slice(0, 2, 4), initial[A]));   // A' = [A; A₀]
+  EXPECT_TRUE(torch::equal(tensors[B].slice(1, 2, 4), -initial[B]));  // B' = [B, −B₀]
+
+  // The original (never decomposed) model with the converted adapter computes what the
+  // trained residual model does.
+  lora::io::load_adapter(*original, path("as-lora"));
+  model->eval();
+  const auto x = torch::randn({3, 6, lora::testing::kHidden});
+  EXPECT_LT(max_abs_diff(original->forward(x), model->forward(x)), 1e-5);
+}
+
+TEST_F(PeftTest, PissaConversionRefusesAMismatchedInitialAdapter) {
+  auto [model, other] = twins();
+  lora::inject(*model, LoraConfig(LoRAOptions(2).alpha(4).init("olora")).target_modules({"query"}));
+  lora::inject(*other, LoraConfig(LoRAOptions(3).alpha(4).init("olora")).target_modules({"query"}));
+  lora::io::save_adapter(*other, path("other-init"));
+  lora::io::SaveOptions options;
+  options.initial_adapter = path("other-init");
+  LORA_EXPECT_THROWS_WITH(lora::io::save_adapter(*model, path("out"), "default", options),
+                          "the initial adapter in '" + path("other-init") + "' has r=3 but the trained one r=2");
+  options.initial_adapter = path("missing");
+  LORA_EXPECT_THROWS_WITH(lora::io::save_adapter(*model, path("out"), "default", options), "no initial adapter at");
+  EXPECT_FALSE(fs::exists(path("out")));
+}

@@ -21,6 +21,8 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <c10/util/Exception.h>
 #include <torch/nn/module.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/embedding.h>
 #include <torch/nn/modules/linear.h>
 
 #include <lora/config.hpp>
@@ -59,12 +61,12 @@ inline std::vector<std::pair<ModuleEntry, std::shared_ptr<torch::nn::Module>>> s
       continue;
     }
     const auto& module = item.value();
-    bool linear = std::dynamic_pointer_cast<LoRALayer>(module) != nullptr ||
-                  std::dynamic_pointer_cast<torch::nn::LinearImpl>(module) != nullptr;
-    if (auto saved = std::dynamic_pointer_cast<ModulesToSaveImpl>(module)) {
-      linear = std::dynamic_pointer_cast<LoRALayer>(saved->module()) != nullptr ||
-               std::dynamic_pointer_cast<torch::nn::LinearImpl>(saved->module()) != nullptr;
-    }
+    const auto is_linear = [](const std::shared_ptr<torch::nn::Module>& candidate) {
+      if (auto layer = std::dynamic_pointer_cast<LoRALayer>(candidate)) return layer->layer_kind() == LayerKind::kLinear;
+      return std::dynamic_pointer_cast<torch::nn::LinearImpl>(candidate) != nullptr;
+    };
+    bool linear = is_linear(module);
+    if (auto saved = std::dynamic_pointer_cast<ModulesToSaveImpl>(module)) linear = is_linear(saved->module());
     if (std::dynamic_pointer_cast<AdapterLayer>(module)) holders.push_back(name);
     modules.push_back({{name, linear}, module});
   }
@@ -168,10 +170,17 @@ inline AdapterPlan plan_injection(const torch::nn::Module& model, const LoraConf
       TORCH_CHECK(!std::dynamic_pointer_cast<torch::nn::LinearImpl>(module), "lora::inject: module '", selection.name,
                   "' is a plain torch::nn::Linear. The model's forward calls it through its own typed member, "
                   "which replace_module cannot reach, so an adapter attached there would never run. Declare it as "
-                  "lora::LoRALinear<> (it behaves exactly like torch::nn::Linear until an adapter is attached)");
+                  "lora::LoRALinear<> (it behaves exactly like torch::nn::Linear until an adapter is attached), or make "
+                  "it adaptable in place with lora::make_adaptable");
+      const bool plain_layer = std::dynamic_pointer_cast<torch::nn::EmbeddingImpl>(module) ||
+                               std::dynamic_pointer_cast<torch::nn::Conv1dImpl>(module) ||
+                               std::dynamic_pointer_cast<torch::nn::Conv2dImpl>(module);
+      TORCH_CHECK(!plain_layer, "lora::inject: module '", selection.name, "' is a plain ", module->name(),
+                  ", which the model calls through its own typed member. Declare it as lora::LoRAEmbedding / "
+                  "lora::LoRAConv1d / lora::LoRAConv2d, or make it adaptable in place with lora::make_adaptable");
       TORCH_CHECK(false, "lora::inject: module '", selection.name, "' (", module->name(),
-                  ") matches the targets but is not a Linear layer; supported: lora::LoRALinear<Base> (Linear-like "
-                  "layers)");
+                  ") matches the targets but is not a layer adapters attach to; supported: lora::LoRALinear<Base>, "
+                  "lora::LoRAEmbedding, lora::LoRAConv1d, lora::LoRAConv2d");
     }
     TORCH_CHECK(!layer->has_adapter(adapter_name), "lora::inject: adapter '", adapter_name,
                 "' is already attached to '", selection.name, "'");

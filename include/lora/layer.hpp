@@ -4,7 +4,7 @@
 /// The type-erased interfaces of everything that holds adapters in a model tree, so that code
 /// walking a model (freezing, merging, saving) handles every layer kind alike:
 /// `AdapterLayer` (any holder of named adapters) and `LoRALayer` (low-rank adapters over a
-/// frozen base layer, e.g. `LoRALinear<Base>`). Saved modules (`ModulesToSave`, PEFT's
+/// frozen base layer: `LoRALinear<Base>`, `LoRAEmbedding`, `LoRAConv1d`, `LoRAConv2d`). Saved modules (`ModulesToSave`, PEFT's
 /// `modules_to_save`) are `AdapterLayer`s too.
 
 #include <memory>
@@ -21,6 +21,9 @@
 #include <lora/options.hpp>
 
 namespace lora {
+
+/// The kind of base layer a `LoRALayer` adapts (PEFT's layer classes).
+enum class LayerKind { kLinear, kEmbedding, kConv };
 
 /// A module that holds named adapters. Find them with `lora::adapter_layers(model)`.
 class AdapterLayer {
@@ -123,14 +126,18 @@ class LoRALayer : public AdapterLayer {
   /// the library cannot wrap (TorchScript modules).
   virtual at::Tensor adapted_weight() const = 0;
 
-  /// s·B·A of one adapter, shaped like the base weight ([out, in] for a Linear).
+  /// s·B·A of one adapter, shaped like the base weight ([out, in] for a Linear, its transpose
+  /// [num_embeddings, embedding_dim] for an Embedding, [out, in, k...] for a convolution).
   virtual at::Tensor delta_weight(const std::string& name) const = 0;
   /// The frozen base weight and bias (bias undefined when the base layer has none).
   virtual at::Tensor base_weight() const = 0;
   virtual at::Tensor base_bias() const = 0;
-  /// The base layer's input and output sizes.
+  /// The base layer's input and output sizes as PEFT names them: features for a Linear,
+  /// `num_embeddings` and `embedding_dim` for an Embedding, channels for a convolution.
   virtual int64_t in_features() const = 0;
   virtual int64_t out_features() const = 0;
+  /// What kind of layer the adapters are over (`all-linear` selects only Linear ones).
+  virtual LayerKind layer_kind() const = 0;
 };
 
 namespace detail {

@@ -10,12 +10,16 @@
 ///     lora::LoRALinear<> layer(pretrained, lora::LoRAOptions(8).alpha(16));
 ///     lora::print_trainable_parameters(*layer);
 
+#include <lora/adaptable.hpp>
 #include <lora/config.hpp>
+#include <lora/conv.hpp>
+#include <lora/embedding.hpp>
 #include <lora/functional.hpp>
 #include <lora/init.hpp>
 #include <lora/inject.hpp>
 #include <lora/layer.hpp>
 #include <lora/linear.hpp>
+#include <lora/lora_module.hpp>
 #include <lora/modules_to_save.hpp>
 #include <lora/options.hpp>
 #include <lora/plan.hpp>

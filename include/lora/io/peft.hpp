@@ -5,6 +5,7 @@
 /// `adapter_model.safetensors` (metadata {"format": "pt"}), keys `base_model.model.<path>.lora_A.weight`.
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <iostream>
 #include <map>
@@ -31,6 +32,13 @@ namespace lora::io {
 struct SaveOptions {
   /// adapter_config.json's format (see `ConfigFormat::min_peft_version`).
   ConfigFormat format;
+  /// PEFT's `path_initial_model_for_weight_conversion`: the folder of this adapter as saved
+  /// right after a PiSSA / OLoRA initialisation. Given, the adapter is written as a plain LoRA
+  /// adapter for the *original* base model (whose weights PiSSA replaced by a residual):
+  /// A' = [A; A₀], B' = [B, −B₀], so that s·B'A' = s·BA − s·B₀A₀, with r and lora_alpha doubled
+  /// (alpha ×√2 with rsLoRA; rank_pattern and alpha_pattern doubled) to keep the scale, and
+  /// init_lora_weights true. Empty: the adapter is written as it is.
+  std::string initial_adapter;
 };
 
 /// How `load_adapter` attaches an adapter.
@@ -188,6 +196,65 @@ inline void save_adapter(const torch::nn::Module& model, const LoraConfig& confi
 
 namespace detail {
 
+/// PEFT's `subtract_mutated_init`: the trained adapter `tensors` (config `config`) rewritten
+/// against its state at initialisation, read from the adapter folder `initial`, as a plain LoRA
+/// adapter of twice the rank for the original base weights. Other tensors (DoRA magnitudes,
+/// saved modules, biases) are kept: ‖W + s·B'A'‖ = ‖W_residual + s·BA‖, so a magnitude stays
+/// valid (PEFT drops them).
+inline std::pair<LoraConfig, torch::OrderedDict<std::string, at::Tensor>> as_plain_lora(
+    const LoraConfig& config, const torch::OrderedDict<std::string, at::Tensor>& tensors, const std::string& initial) {
+  const char* who = "lora::io::save_adapter (initial_adapter)";
+  TORCH_CHECK(!config.adapter().use_rslora() || (config.rank_pattern().empty() && config.alpha_pattern().empty()), who,
+              ": rsLoRA with rank_pattern or alpha_pattern cannot be converted (PEFT refuses it too: doubling a "
+              "pattern's rank would change its scale)");
+  const auto initial_config_path = (std::filesystem::path(initial) / "adapter_config.json").string();
+  const auto initial_file = (std::filesystem::path(initial) / "adapter_model.safetensors").string();
+  TORCH_CHECK(std::filesystem::exists(initial_file), who, ": no initial adapter at '", initial_file,
+              "' (save the adapter right after its PiSSA/OLoRA initialisation, before training)");
+  const auto initial_config = lora_config_from_json(read_json_file(initial_config_path), initial_config_path, nullptr);
+  TORCH_CHECK(initial_config.adapter().r() == config.adapter().r(), who, ": the initial adapter in '", initial,
+              "' has r=", initial_config.adapter().r(), " but the trained one r=", config.adapter().r());
+  const auto start = load_safetensors(initial_file, SafetensorsReadOptions{std::nullopt, FileAccess::kCopy}).tensors;
+  torch::OrderedDict<std::string, at::Tensor> result("adapter tensor");
+  size_t factors = 0;
+  for (const auto& item : tensors) {
+    const auto& key = item.key();
+    const bool is_A = lora::detail::ends_with(key, ".lora_A.weight");
+    const bool is_B = lora::detail::ends_with(key, ".lora_B.weight");
+    if (!is_A && !is_B) {
+      result.insert(key, item.value());
+      continue;
+    }
+    const auto* before = start.find(key);
+    TORCH_CHECK(before != nullptr, who, ": the initial adapter in '", initial, "' has no '", key, "'");
+    TORCH_CHECK(before->sizes() == item.value().sizes(), who, ": '", key, "' has shape ", item.value().sizes(),
+                " but ", before->sizes(), " in the initial adapter in '", initial, "'");
+    const auto init = before->to(item.value().device(), item.value().scalar_type());
+    result.insert(key, is_A ? at::cat({item.value(), init}, 0) : at::cat({item.value(), -init}, 1));
+    ++factors;
+  }
+  for (const auto& item : start) {
+    const bool factor = lora::detail::ends_with(item.key(), ".lora_A.weight") || lora::detail::ends_with(item.key(), ".lora_B.weight");
+    TORCH_CHECK(!factor || tensors.contains(item.key()), who, ": the initial adapter in '", initial, "' has '",
+                item.key(), "', which the trained adapter lacks: it belongs to another adapter");
+  }
+  TORCH_CHECK(factors > 0, who, ": the adapter has no lora_A/lora_B factors to convert");
+
+  auto converted = config;
+  auto options = converted.adapter();
+  options.r(2 * options.r());
+  options.alpha(options.use_rslora() ? options.alpha() * std::sqrt(2.0) : 2 * options.alpha());
+  options.init("default");
+  converted.adapter(options);
+  RankPattern ranks;
+  for (const auto& [key, rank] : config.rank_pattern()) ranks.emplace_back(key, 2 * rank);
+  AlphaPattern alphas;
+  for (const auto& [key, alpha] : config.alpha_pattern()) alphas.emplace_back(key, 2 * alpha);
+  converted.rank_pattern(ranks);
+  converted.alpha_pattern(alphas);
+  return {converted, std::move(result)};
+}
+
 inline void save_adapter_impl(const torch::nn::Module& model, const LoraConfig* given, const std::string& dir,
                               const std::string& name, const SaveOptions& options) {
   lora::detail::check_model_adapter(model, name, "save");
@@ -195,7 +262,12 @@ inline void save_adapter_impl(const torch::nn::Module& model, const LoraConfig* 
   std::vector<ModuleEntry> modules;
   for (const auto& item : lora::detail::selectable_modules(model)) modules.push_back(item.first);
   check_config_describes(config, name, modules, adapter_layers(model), "lora::io::save_adapter");
-  write_adapter_folder(adapter_folder(dir, name), config, adapter_state_dict(model, name), options);
+  if (options.initial_adapter.empty()) {
+    write_adapter_folder(adapter_folder(dir, name), config, adapter_state_dict(model, name), options);
+    return;
+  }
+  auto converted = as_plain_lora(config, adapter_state_dict(model, name), options.initial_adapter);
+  write_adapter_folder(adapter_folder(dir, name), converted.first, converted.second, options);
 }
 
 }  // namespace detail
@@ -226,8 +298,9 @@ inline AdapterFiles read_adapter_files(const std::string& dir, const std::string
   TORCH_CHECK(init != InitKind::kPiSSA && init != InitKind::kOLoRA, "lora: the adapter in '", dir,
               "' was initialised with '", config.adapter().init(),
               "', which trains against a residual base weight (W minus its principal part); loading it onto the "
-              "original model would be wrong. Load it onto the residual model, or convert it to a plain LoRA "
-              "adapter first (PEFT: path_initial_model_for_weight_conversion)");
+              "original model would be wrong. Load it onto the residual model, or save it as a plain LoRA adapter "
+              "against its initial state (lora::io::SaveOptions::initial_adapter; PEFT: "
+              "path_initial_model_for_weight_conversion)");
   const auto file = (adapter_folder(dir, name) / "adapter_model.safetensors").string();
   // Read, not mapped: adapters are small, and then nothing depends on the file once it is read.
   auto tensors = load_safetensors(file, SafetensorsReadOptions{std::nullopt, FileAccess::kCopy}).tensors;
@@ -237,12 +310,15 @@ inline AdapterFiles read_adapter_files(const std::string& dir, const std::string
     const auto& key = item.key();
     TORCH_CHECK(lora::detail::starts_with(key, prefix), "lora: adapter tensor '", key, "' in '", file,
                 "' does not start with '", prefix, "'");
-    const std::string suffix = ".lora_A.weight";
-    if (key.size() > suffix.size() && lora::detail::ends_with(key, suffix)) {
+    // The rank is the first size of every A factor: [r, in] (Linear), [r, in, k...] (conv),
+    // [r, num_embeddings] (Embedding's bare lora_embedding_A).
+    for (const std::string suffix : {".lora_A.weight", ".lora_embedding_A"}) {
+      if (key.size() <= prefix.size() + suffix.size() || !lora::detail::ends_with(key, suffix)) continue;
       const auto path = key.substr(prefix.size(), key.size() - prefix.size() - suffix.size());
       const auto expected = matcher.options_for(path).r();
-      TORCH_CHECK(item.value().dim() == 2 && item.value().size(0) == expected, "lora: '", key, "' in '", file,
-                  "' has shape ", item.value().sizes(), ", rank ", item.value().dim() == 2 ? item.value().size(0) : -1,
+      const auto& value = item.value();
+      TORCH_CHECK(value.dim() >= 2 && value.size(0) == expected, "lora: '", key, "' in '", file, "' has shape ",
+                  value.sizes(), ", rank ", value.dim() >= 2 ? value.size(0) : -1,
                   ", but adapter_config.json gives module '", path, "' r=", expected);
     }
   }
