@@ -50,25 +50,8 @@ torch::Tensor peft_conv2d_delta(const torch::Tensor& A, const torch::Tensor& B, 
   return torch::conv2d(A.to(torch::kDouble).transpose(0, 1), B.to(torch::kDouble)).transpose(0, 1) * s;
 }
 
-/// Central finite differences of `loss` against every element of `parameter` (float64).
 void expect_gradients_match(const std::function<torch::Tensor()>& loss, const torch::Tensor& parameter) {
-  for (auto& p : {parameter}) {
-    if (p.grad().defined()) p.mutable_grad().zero_();
-  }
-  loss().backward();
-  const auto grad = parameter.grad().clone();
-  auto flat = parameter.view({-1});
-  const double eps = 1e-6;
-  for (int64_t i = 0; i < flat.numel(); ++i) {
-    torch::NoGradGuard no_grad;
-    const double original = flat[i].item<double>();
-    flat[i] = original + eps;
-    const double plus = loss().item<double>();
-    flat[i] = original - eps;
-    const double minus = loss().item<double>();
-    flat[i] = original;
-    EXPECT_NEAR(grad.view({-1})[i].item<double>(), (plus - minus) / (2 * eps), 1e-6) << "element " << i;
-  }
+  lora::testing::expect_gradient_matches_finite_differences(loss, parameter, 1e-6);
 }
 
 }  // namespace

@@ -95,21 +95,8 @@ TEST_F(LoRALinearTest, GradientsMatchFiniteDifferences) {
   const auto x = torch::randn({7, 5}, torch::kDouble);
   const auto weights = torch::randn({7, 4}, torch::kDouble);
   auto loss = [&] { return (layer(x) * weights).sum(); };
-  loss().backward();
-  const double eps = 1e-6;
   for (const auto& parameter : {layer->lora_A("default"), layer->lora_B("default")}) {
-    const auto grad = parameter.grad().clone();
-    auto flat = parameter.view({-1});
-    for (int64_t i = 0; i < flat.numel(); ++i) {
-      torch::NoGradGuard no_grad;
-      const double original = flat[i].item<double>();
-      flat[i] = original + eps;
-      const double plus = loss().item<double>();
-      flat[i] = original - eps;
-      const double minus = loss().item<double>();
-      flat[i] = original;
-      EXPECT_NEAR(grad.view({-1})[i].item<double>(), (plus - minus) / (2 * eps), 1e-7) << "element " << i;
-    }
+    lora::testing::expect_gradient_matches_finite_differences(loss, parameter, 1e-7);
   }
 }
 

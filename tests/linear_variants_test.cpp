@@ -156,19 +156,7 @@ TEST_F(LoRAVariantsTest, DoRAMagnitudeGradientMatchesFiniteDifferences) {
   randomize(layer);
   const auto x = torch::randn({6, 5}, torch::kDouble);
   auto loss = [&] { return layer(x).pow(2).sum(); };
-  loss().backward();
-  auto m = layer->lora_magnitude_vector("default");
-  const double eps = 1e-6;
-  for (int64_t i = 0; i < m.numel(); ++i) {
-    torch::NoGradGuard no_grad;
-    const double original = m[i].item<double>();
-    m[i] = original + eps;
-    const double plus = loss().item<double>();
-    m[i] = original - eps;
-    const double minus = loss().item<double>();
-    m[i] = original;
-    EXPECT_NEAR(m.grad()[i].item<double>(), (plus - minus) / (2 * eps), 1e-6);
-  }
+  lora::testing::expect_gradient_matches_finite_differences(loss, layer->lora_magnitude_vector("default"), 1e-6);
 }
 
 TEST_F(LoRAVariantsTest, AdapterFollowsTheBaseDtype) {

@@ -31,6 +31,27 @@ inline double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
   return (a.to(torch::kDouble) - b.to(torch::kDouble)).abs().max().item<double>();
 }
 
+/// Checks the gradient autograd gives `parameter` for `loss` (a float64 scalar) against central
+/// finite differences, element by element, within `tolerance`.
+inline void expect_gradient_matches_finite_differences(const std::function<torch::Tensor()>& loss,
+                                                       const torch::Tensor& parameter, double tolerance) {
+  if (parameter.grad().defined()) parameter.mutable_grad().zero_();
+  loss().backward();
+  const auto grad = parameter.grad().clone();
+  auto flat = parameter.view({-1});
+  const double eps = 1e-6;
+  for (int64_t i = 0; i < flat.numel(); ++i) {
+    torch::NoGradGuard no_grad;
+    const double original = flat[i].item<double>();
+    flat[i] = original + eps;
+    const double plus = loss().item<double>();
+    flat[i] = original - eps;
+    const double minus = loss().item<double>();
+    flat[i] = original;
+    EXPECT_NEAR(grad.view({-1})[i].item<double>(), (plus - minus) / (2 * eps), tolerance) << "element " << i;
+  }
+}
+
 /// A seeded fixture: every test starts from the same generator state.
 class SeededTest : public ::testing::Test {
  protected:

@@ -78,13 +78,7 @@ struct ConvKind {
   }
   static at::Tensor factor_matrix(const at::Tensor& factor) { return factor.view({factor.size(0), -1}); }
   static void initialize(InitKind init, const at::Tensor& A, const at::Tensor& B, int64_t r) {
-    if (init == InitKind::kDefault) {
-      torch::nn::init::kaiming_uniform_(A, std::sqrt(5.0));
-      B.zero_();
-    } else if (init == InitKind::kGaussian) {
-      A.normal_(0.0, 1.0 / static_cast<double>(r));
-      B.zero_();
-    }  // kRandom: keep the conv layers' own draws, as PEFT does
+    detail::initialize_down_up(init, A, B, r);
   }
   /// PEFT keeps a convolution's magnitude as [1, out, 1...].
   static std::vector<int64_t> magnitude_shape(const Options& options) {

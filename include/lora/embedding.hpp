@@ -95,9 +95,7 @@ struct EmbeddingKind {
   }
   static at::Tensor up(const at::Tensor& h, const at::Tensor& B) { return at::mm(h, B.t()); }
   static at::Tensor accumulate(at::Tensor result, const at::Tensor& h, const at::Tensor& B, double s) {
-    if (result.scalar_type() == h.scalar_type()) return result.addmm_(h, B.t(), /*beta=*/1, /*alpha=*/s);
-    const auto dtype = at::promote_types(result.scalar_type(), h.scalar_type());
-    return result.to(dtype).addmm_(h.to(dtype), B.t().to(dtype), 1, s).to(result.scalar_type());
+    return detail::add_row_update(std::move(result), h, B, s);
   }
   static at::Tensor channel(const at::Tensor& per_output) { return per_output; }
   static at::Tensor base_without_bias(const BaseModule& layer, const at::Tensor& ids) { return at::embedding(layer.weight, ids); }

@@ -80,13 +80,7 @@ struct LinearKind {
   }
   static at::Tensor factor_matrix(const at::Tensor& factor) { return factor; }
   static void initialize(InitKind init, const at::Tensor& A, const at::Tensor& B, int64_t r) {
-    if (init == InitKind::kDefault) {
-      torch::nn::init::kaiming_uniform_(A, std::sqrt(5.0));
-      B.zero_();
-    } else if (init == InitKind::kGaussian) {
-      A.normal_(0.0, 1.0 / static_cast<double>(r));
-      B.zero_();
-    }  // kRandom: keep the Linear layers' own Kaiming-uniform draws, as PEFT does
+    detail::initialize_down_up(init, A, B, r);
   }
   static std::vector<int64_t> magnitude_shape(const Options& options) { return {out_features(options)}; }
 
@@ -112,9 +106,7 @@ struct LinearKind {
   static at::Tensor up(const at::Tensor& h, const at::Tensor& B) { return at::mm(h, B.t()); }
   /// result + s·h·Bᵀ, in place (one addmm) when the dtypes agree.
   static at::Tensor accumulate(at::Tensor result, const at::Tensor& h, const at::Tensor& B, double s) {
-    if (result.scalar_type() == h.scalar_type()) return result.addmm_(h, B.t(), /*beta=*/1, /*alpha=*/s);
-    const auto dtype = at::promote_types(result.scalar_type(), h.scalar_type());
-    return result.to(dtype).addmm_(h.to(dtype), B.t().to(dtype), 1, s).to(result.scalar_type());
+    return detail::add_row_update(std::move(result), h, B, s);
   }
   static at::Tensor channel(const at::Tensor& per_output) { return per_output; }
   static at::Tensor base_without_bias(const Base& layer, const at::Tensor& x) {

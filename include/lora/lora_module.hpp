@@ -27,6 +27,7 @@
 ///   (per-output values shaped to broadcast on an output), `base_without_bias(base, x)`;
 /// - `describe(stream, options)` for `pretty_print`.
 
+#include <cmath>
 #include <map>
 #include <memory>
 #include <ostream>
@@ -34,7 +35,9 @@
 #include <utility>
 #include <vector>
 
+#include <ATen/ATen.h>
 #include <torch/nn/cloneable.h>
+#include <torch/nn/init.h>
 #include <torch/nn/modules/container/moduledict.h>
 #include <torch/nn/pimpl.h>
 
@@ -44,6 +47,30 @@
 #include <lora/options.hpp>
 
 namespace lora {
+
+namespace detail {
+
+/// PEFT's initialisation of a down/up factor pair (Linear and convolution): `default`
+/// Kaiming-uniform A (a = √5) and zero B, `gaussian` A ~ N(0, σ = 1/r) and zero B, `false`
+/// keeps the factor modules' own draws.
+inline void initialize_down_up(InitKind init, const at::Tensor& A, const at::Tensor& B, int64_t r) {
+  if (init == InitKind::kDefault) {
+    torch::nn::init::kaiming_uniform_(A, std::sqrt(5.0));
+    B.zero_();
+  } else if (init == InitKind::kGaussian) {
+    A.normal_(0.0, 1.0 / static_cast<double>(r));
+    B.zero_();
+  }
+}
+
+/// result + s·h·Bᵀ for rows h [N, r] and B [out, r]: one in-place addmm when the dtypes agree.
+inline at::Tensor add_row_update(at::Tensor result, const at::Tensor& h, const at::Tensor& B, double s) {
+  if (result.scalar_type() == h.scalar_type()) return result.addmm_(h, B.t(), /*beta=*/1, /*alpha=*/s);
+  const auto dtype = at::promote_types(result.scalar_type(), h.scalar_type());
+  return result.to(dtype).addmm_(h.to(dtype), B.t().to(dtype), 1, s).to(result.scalar_type());
+}
+
+}  // namespace detail
 
 /// Checks an adapter for a layer whose weight reads as a matrix [out, columns], as
 /// `add_adapter` does: a valid name, a floating-point weight, valid options, and a rank
