@@ -8,7 +8,7 @@ LORA_BUILD_DIR=${LORA_BUILD_DIR:-$LORA_ROOT/build}
 # BLAS, ~20x slower on matmuls. clang-14: the headers are also checked under clang (ctest
 # headers_clang), and the fuzzers (scripts/fuzz.sh) need it. libgloo-dev: the headers of the
 # Gloo library that libtorch_cpu already links, for lora::distributed.
-LORA_PACKAGES=(g++ make cmake libtorch-dev libopenblas0-openmp libgtest-dev libbenchmark-dev nlohmann-json3-dev libutf8proc-dev pkg-config libcli11-dev libcurl4-openssl-dev python3 clang-14 libgloo-dev)
+LORA_PACKAGES=(g++ make cmake libtorch-dev libopenblas0-openmp libgtest-dev libbenchmark-dev nlohmann-json3-dev libutf8proc-dev pkg-config libcli11-dev libcurl4-openssl-dev libcpp-httplib-dev python3 clang-14 libgloo-dev)
 
 lora_install_packages() {
   local missing=() package

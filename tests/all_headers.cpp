@@ -5,6 +5,7 @@
 #ifdef USE_C10D_GLOO  // lora::distributed: ctest passes the definition when it is built
 #include <lora/distributed.hpp>
 #endif
+#include <lora/io/hotswap.hpp>
 #include <lora/io/peft.hpp>
 #include <lora/io/peft_jit.hpp>
 #include <lora/io/safetensors.hpp>

@@ -34,6 +34,7 @@
 
 #include "download.hpp"
 #include "mlm.hpp"
+#include "serve.hpp"
 #include "synthetic.hpp"
 #include "training.hpp"
 
@@ -463,6 +464,56 @@ int run_predict(const std::string& model_folder, const std::string& identity, co
   return 0;
 }
 
+struct ServeFlags {
+  std::vector<std::string> adapters;  ///< NAME=FOLDER
+  int port = -1;                      ///< -1: JSON lines on stdin/stdout
+  std::string host = "127.0.0.1";
+  int64_t max_batch = 32;
+  double max_wait_ms = 5;
+  size_t max_text_bytes = 8192;
+};
+
+volatile std::sig_atomic_t serve_stop_requested = 0;
+
+int run_serve(const std::string& model_folder, const ServeFlags& flags) {
+  auto [model, tokenizer] = load_model(model_folder);
+  sentiment::ServerOptions options;
+  options.max_batch = flags.max_batch;
+  options.max_wait = std::chrono::microseconds(static_cast<int64_t>(flags.max_wait_ms * 1000));
+  options.max_text_bytes = flags.max_text_bytes;
+  sentiment::ClassifyServer server(model, tokenizer, options);
+  for (const auto& item : flags.adapters) {
+    const auto equals = item.find('=');
+    TORCH_CHECK(equals != std::string::npos && equals > 0, "--adapter takes NAME=FOLDER (got '", item, "')");
+    try {
+      server.load(item.substr(0, equals), item.substr(equals + 1));
+    } catch (const sentiment::RequestError& error) {
+      TORCH_CHECK(false, "--adapter ", item, ": ", error.what());
+    }
+  }
+  std::cerr << "serving " << model_folder << " with " << server.adapters().size() << " adapter(s); batches of up to "
+            << flags.max_batch << ", waiting up to " << flags.max_wait_ms << " ms\n";
+  if (flags.port < 0) {
+    sentiment::serve_json_lines(server, std::cin, std::cout);
+    return 0;
+  }
+  sentiment::HttpFrontEnd http(server);
+  const int port = http.bind(flags.host, flags.port);
+  std::cout << "listening on http://" << flags.host << ":" << port << std::endl;
+  // Ctrl-C / SIGTERM: the handler only sets a flag; this thread stops the server.
+  std::signal(SIGINT, [](int) { serve_stop_requested = 1; });
+  std::signal(SIGTERM, [](int) { serve_stop_requested = 1; });
+  std::atomic<bool> stopped{false};
+  std::thread watcher([&] {
+    while (!stopped && !serve_stop_requested) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    http.stop();
+  });
+  http.run();
+  stopped = true;
+  watcher.join();
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -547,6 +598,22 @@ int main(int argc, char** argv) {
   predict_cmd->add_option("sentences", sentences, "sentences to classify");
   predict_cmd->add_flag("--force", force, "load an adapter trained on another base model");
 
+  ServeFlags serve;
+  auto* serve_cmd = app.add_subcommand(
+      "serve", "classify requests for many adapters at once, batched together: JSON lines on stdin/stdout, or HTTP");
+  serve_cmd->add_option("--model", model_folder, "model folder");
+  serve_cmd->add_option("--hf-model", hf_model, "download a Hugging Face model instead");
+  serve_cmd->add_option("--adapter", serve.adapters, "NAME=FOLDER: a PEFT adapter to serve as NAME (repeatable)");
+  serve_cmd->add_option("--http", serve.port, "serve HTTP on this port (0: any free port) instead of JSON lines")
+      ->check(CLI::Range(0, 65535));
+  serve_cmd->add_option("--host", serve.host, "HTTP address to bind")->capture_default_str();
+  serve_cmd->add_option("--max-batch", serve.max_batch, "requests per forward pass at most")->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  serve_cmd->add_option("--max-wait-ms", serve.max_wait_ms, "how long a request waits for others to join its batch")
+      ->check(CLI::NonNegativeNumber)->capture_default_str();
+  serve_cmd->add_option("--max-text-bytes", serve.max_text_bytes, "longer texts are refused (413)")
+      ->check(CLI::PositiveNumber)->capture_default_str();
+
   CLI11_PARSE(app, argc, argv);
   torch::set_num_threads(threads);
   try {
@@ -561,11 +628,12 @@ int main(int argc, char** argv) {
                 " --steps 1 ..., or any command with --hf-model), then give every rank --model with the cached folder");
 #endif
     if (*train_cmd) resolve(train.model, train.hf_model);
-    if (*eval_cmd || *predict_cmd) resolve(model_folder, hf_model);
+    if (*eval_cmd || *predict_cmd || *serve_cmd) resolve(model_folder, hf_model);
     const auto identity = hf_model.empty() ? model_folder : hf_model;  // what adapters record as their base
     if (*train_cmd) return run_train(train);
     if (*eval_cmd) return run_eval(model_folder, identity, adapter, data, batch, force);
     if (*predict_cmd) return run_predict(model_folder, identity, adapter, sentences, file, force);
+    if (*serve_cmd) return run_serve(model_folder, serve);
     return run_demo(demo);
   } catch (const c10::Error& error) {
     std::cerr << "lora-sentiment: " << error.what_without_backtrace() << "\n";

@@ -382,6 +382,24 @@ inline void delete_adapter(torch::nn::Module& model, const std::string& name) {
   for (const auto& item : layers) item.second->delete_adapter(name);
 }
 
+/// Renames adapter `from` to `to` in every layer that has it, all or nothing: refused
+/// (changing nothing) when `to` is taken or not a valid name.
+inline void rename_adapter(torch::nn::Module& model, const std::string& from, const std::string& to) {
+  detail::check_model_adapter(model, from, "rename");
+  const auto names = detail::all_adapter_names(model);
+  TORCH_CHECK(to == from || std::find(names.begin(), names.end(), to) == names.end(), "lora::rename_adapter: adapter '",
+              to, "' exists already (the model has: ", detail::join(names), ")");
+  const auto layers = detail::layers_with(model, from);
+  for (const auto& [path, layer] : layers) {
+    try {
+      layer->check_rename_adapter(from, to);
+    } catch (const c10::Error& error) {
+      TORCH_CHECK(false, "lora::rename_adapter: module '", path, "': ", error.what_without_backtrace());
+    }
+  }
+  for (const auto& item : layers) item.second->rename_adapter(from, to);
+}
+
 /// Merges the active adapters of every layer into its base weight, all or nothing: refused
 /// while adapters are disabled (anywhere), and with `safe_merge` a layer whose merge would
 /// write NaN/Inf stops the merge and the weights of the layers this call merged are restored

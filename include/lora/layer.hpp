@@ -17,6 +17,7 @@
 #include <torch/nn/module.h>
 
 #include <lora/config.hpp>
+#include <lora/detail/routing.hpp>
 #include <lora/detail/strings.hpp>
 #include <lora/options.hpp>
 
@@ -69,6 +70,14 @@ class AdapterLayer {
   /// The model-level configuration adapter `name` was attached with (by `lora::inject` or an
   /// adapter load), or nullptr for an adapter added to the layer directly.
   virtual std::shared_ptr<const LoraConfig> adapter_config(const std::string& name) const = 0;
+  /// Replaces that configuration (a hot-swap that kept the adapter's structure).
+  virtual void set_adapter_config(const std::string& name, std::shared_ptr<const LoraConfig> config) = 0;
+
+  /// Renames adapter `from` to `to`, keeping its values, options, activity, merges and training
+  /// flags (parameter names change with it: `lora_A.<to>.weight`).
+  virtual void rename_adapter(const std::string& from, const std::string& to) = 0;
+  /// Throws what `rename_adapter(from, to)` would throw, changing nothing.
+  virtual void check_rename_adapter(const std::string& from, const std::string& to) const = 0;
 };
 
 /// Low-rank adapters over a frozen base layer, PEFT's `LoraLayer` API.
@@ -138,6 +147,17 @@ class LoRALayer : public AdapterLayer {
   virtual int64_t out_features() const = 0;
   /// What kind of layer the adapters are over (`all-linear` selects only Linear ones).
   virtual LayerKind layer_kind() const = 0;
+
+  /// Routes a mixed-adapter batch through this layer; `lora::MixedBatch` calls it, code
+  /// should use that. While routed, the rows of each routing group get that group's adapter
+  /// (nothing for "" or for an adapter this layer lacks) whatever the active set is, and the
+  /// group's `base_values` entry, where defined, replaces the base weight and bias for its
+  /// rows (a saved module's copies). The routed adapters that are trainable train, no other.
+  /// nullptr ends routing and restores the active set's training flags.
+  virtual void route(std::shared_ptr<const detail::Routing> routing, std::vector<detail::RoutedBase> base_values = {}) = 0;
+  /// Throws what `route` would throw (merged adapters, adapters disabled, base values this
+  /// kind of layer cannot take), changing nothing.
+  virtual void check_route(bool with_base_values) const = 0;
 };
 
 namespace detail {

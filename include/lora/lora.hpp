@@ -19,6 +19,7 @@
 #include <lora/inject.hpp>
 #include <lora/layer.hpp>
 #include <lora/linear.hpp>
+#include <lora/mixed_batch.hpp>
 #include <lora/lora_module.hpp>
 #include <lora/modules_to_save.hpp>
 #include <lora/options.hpp>
@@ -27,3 +28,4 @@
 #include <lora/target.hpp>
 #include <lora/trainable.hpp>
 #include <lora/version.hpp>
+#include <lora/weighted_adapter.hpp>

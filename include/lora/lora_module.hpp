@@ -136,6 +136,9 @@ class LoRAModuleImpl : public torch::nn::Cloneable<LoRAModuleImpl<Kind>>, public
   std::shared_ptr<const LoraConfig> adapter_config(const std::string& name) const override;
   void set_trainable(const std::string& name, bool trainable) override;
   bool is_trainable(const std::string& name) const override { return adapter(name).trainable; }
+  void set_adapter_config(const std::string& name, std::shared_ptr<const LoraConfig> config) override;
+  void rename_adapter(const std::string& from, const std::string& to) override;
+  void check_rename_adapter(const std::string& from, const std::string& to) const override;
 
   // LoRALayer
   void add_adapter(const std::string& name, const LoRAOptions& options,
@@ -158,6 +161,8 @@ class LoRAModuleImpl : public torch::nn::Cloneable<LoRAModuleImpl<Kind>>, public
   int64_t in_features() const override { return Kind::in_features(base_options_); }
   int64_t out_features() const override { return Kind::out_features(base_options_); }
   LayerKind layer_kind() const override { return Kind::kind; }
+  void route(std::shared_ptr<const detail::Routing> routing, std::vector<detail::RoutedBase> base_values = {}) override;
+  void check_route(bool with_base_values) const override;
 
   /// The wrapped layer.
   BaseHolder base_layer() const { return base_layer_; }
@@ -184,6 +189,8 @@ class LoRAModuleImpl : public torch::nn::Cloneable<LoRAModuleImpl<Kind>>, public
   void build(BaseHolder base);
   /// Removes an adapter's modules from the containers (not from `adapters_`).
   void drop_modules(const std::string& name);
+  /// Rebuilds the containers with entry `from` dropped (`to` empty) or renamed `to`, in order.
+  void rebuild_containers(const std::string& from, const std::string& to);
   void create_adapter(const std::string& name, const LoRAOptions& options);
   void initialize_adapter(const std::string& name, const LoRAOptions& options);
   void update_requires_grad();
@@ -199,6 +206,13 @@ class LoRAModuleImpl : public torch::nn::Cloneable<LoRAModuleImpl<Kind>>, public
   /// The magnitude as [out].
   at::Tensor magnitude_vector(const std::string& name) const;
   const at::Tensor& factor(const FactorHolder& holder, const std::string& name) const;
+  /// What adapter `name` adds to `base_output` for the flattened input rows `x`, as a new
+  /// tensor (the unrouted plain path accumulates in place instead).
+  at::Tensor adapter_term(const std::string& name, const at::Tensor& x, const at::Tensor& base_output,
+                          bool dropout_active) const;
+  static at::Tensor add_term(const at::Tensor& result, const at::Tensor& term);
+  /// `forward` for a mixed-adapter batch: the base once, each group's delta on its rows.
+  at::Tensor forward_routed(const at::Tensor& input);
 
   BaseOptions base_options_;
   BaseHolder base_layer_{nullptr};
@@ -214,6 +228,9 @@ class LoRAModuleImpl : public torch::nn::Cloneable<LoRAModuleImpl<Kind>>, public
   /// goes with merges): moved to the weight's device when used, its dtype kept.
   std::map<std::string, at::Tensor> dora_merge_norms_;
   bool enabled_ = true;
+  /// Set while a mixed-adapter batch is routed (`route`).
+  std::shared_ptr<const detail::Routing> routing_;
+  std::vector<detail::RoutedBase> routed_base_;
 };
 
 /// Module holder for `LoRAModuleImpl<Kind>`, used like the base layer's holder.

@@ -117,6 +117,47 @@ class ModulesToSaveImpl : public torch::nn::Module, public AdapterLayer {
   /// The key of the values the wrapped module holds now: an adapter name, or "" (original).
   const std::string& live_values() const { return live_key_; }
 
+  /// The names of the wrapped module's tensors (each once), as its `named_parameters()` and
+  /// `named_buffers()` give them.
+  std::vector<std::string> tensor_keys() const {
+    std::vector<std::string> keys;
+    for (const auto& entry : entries_) keys.push_back(entry.key);
+    return keys;
+  }
+  /// Tensor `key` (see `tensor_keys`) of adapter `name`'s copy, or of the original values for
+  /// "": the live tensor itself when those values are live.
+  at::Tensor tensor(const std::string& name, const std::string& key) const {
+    const Slot* held = &original_;
+    if (!name.empty()) {
+      const auto* copy = find(name);
+      TORCH_CHECK(copy != nullptr, "lora::ModulesToSave: unknown adapter '", name, "' (adapters: ",
+                  detail::join(adapter_names()), ")");
+      held = &copy->slot;
+    }
+    for (size_t i = 0; i < entries_.size(); ++i) {
+      if (entries_[i].key == key) return held->tensors[i];
+    }
+    TORCH_CHECK(false, "lora::ModulesToSave: module ", module_->name(), " has no tensor '", key, "'");
+    return {};
+  }
+
+  /// Training flags for a mixed-adapter batch (`lora::MixedBatch`): the copies of the routed
+  /// adapters that are trainable train, nothing else, until `unroute()`.
+  void route(const std::vector<std::string>& routed_adapters) {
+    for (size_t i = 0; i < entries_.size(); ++i) {
+      if (entries_[i].parameter) original_.tensors[i].requires_grad_(false);
+    }
+    for (auto& copy : copies_) {
+      const bool routed = copy.trainable && enabled_ &&
+                          std::find(routed_adapters.begin(), routed_adapters.end(), copy.name) != routed_adapters.end();
+      for (size_t i = 0; i < entries_.size(); ++i) {
+        if (entries_[i].parameter) copy.slot.tensors[i].requires_grad_(routed);
+      }
+    }
+  }
+  /// Back to the active adapter's training flags.
+  void unroute() { settle(); }
+
   // AdapterLayer
   std::vector<std::string> adapter_names() const override {
     std::vector<std::string> names;
@@ -175,6 +216,34 @@ class ModulesToSaveImpl : public torch::nn::Module, public AdapterLayer {
     const auto* copy = find(name);
     TORCH_CHECK(copy != nullptr, "lora::ModulesToSave: unknown adapter '", name, "'");
     return copy->config;
+  }
+
+  void set_adapter_config(const std::string& name, std::shared_ptr<const LoraConfig> config) override {
+    TORCH_CHECK(has_adapter(name), "lora::ModulesToSave: unknown adapter '", name, "'");
+    for (auto& copy : copies_) {
+      if (copy.name == name) copy.config = std::move(config);
+    }
+  }
+
+  void check_rename_adapter(const std::string& from, const std::string& to) const override {
+    TORCH_CHECK(has_adapter(from), "lora::ModulesToSave: cannot rename unknown adapter '", from, "' (adapters: ",
+                detail::join(adapter_names()), ")");
+    TORCH_CHECK(!to.empty() && to.find('.') == std::string::npos,
+                "lora::ModulesToSave: adapter name must be non-empty and contain no '.' (got '", to, "')");
+    TORCH_CHECK(to == from || !has_adapter(to), "lora::ModulesToSave: cannot rename adapter '", from, "' to '", to,
+                "', which exists already");
+  }
+  void rename_adapter(const std::string& from, const std::string& to) override {
+    check_rename_adapter(from, to);
+    if (from == to) return;
+    for (auto& copy : copies_) {
+      if (copy.name != from) continue;
+      copies_holder_->unregister_module(from);
+      copies_holder_->register_module(to, copy.slot.module);
+      copy.name = to;
+    }
+    std::replace(active_.begin(), active_.end(), from, to);
+    if (live_key_ == from) live_key_ = to;
   }
 
   void set_trainable(const std::string& name, bool trainable) override {

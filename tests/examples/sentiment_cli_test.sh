@@ -41,6 +41,29 @@ echo "$out" | grep -Eq $'^(positive|negative)\t[01]\\.[0-9]{4}\tthe film was goo
 merged=$(echo -e "the film was good\nthe plot was not good" | "$bin" predict --model "$work/run/merged")
 [ "$(echo "$merged" | cut -f1)" = "$(echo "$out" | cut -f1)" ] || fail "merged and adapter predictions differ"
 
+# serve, JSON lines: an adapter by name, the base model, per-request errors, unloading.
+base_out=$("$bin" predict --model "$backbone" "the film was good")
+served=$(printf '%s\n' '{"id": 1, "text": "the film was good", "adapter": "mine"}' '{"id": 2, "text": "the film was good"}' \
+  '{"id": 3, "text": "x", "adapter": "nobody"}' 'not json' '{"action": "unload", "name": "mine"}' \
+  '{"id": 6, "text": "the film was good", "adapter": "mine"}' \
+  | "$bin" serve --model "$backbone" --adapter "mine=$work/run/adapter" 2> "$work/serve.txt") \
+  || { cat "$work/serve.txt"; fail "serve failed"; }
+SERVED="$served" PREDICTED="$(echo "$out" | head -1)" BASE="$base_out" python3 - <<'PY' || fail "serve answers: $served"
+import json, os
+lines = [json.loads(line) for line in os.environ["SERVED"].splitlines()]
+assert len(lines) == 6, lines
+label, probability, _ = os.environ["PREDICTED"].split("\t")
+assert lines[0]["id"] == 1 and lines[0]["adapter"] == "mine" and lines[0]["label"] == label, lines[0]
+assert f'{max(lines[0]["probabilities"]):.4f}' == probability, (lines[0], probability)
+base_label, base_probability, _ = os.environ["BASE"].split("\t")
+assert lines[1]["adapter"] == "" and lines[1]["label"] == base_label, lines[1]
+assert f'{max(lines[1]["probabilities"]):.4f}' == base_probability, (lines[1], base_probability)
+assert lines[2]["status"] == 404 and "unknown adapter 'nobody'" in lines[2]["error"] and lines[2]["id"] == 3, lines[2]
+assert lines[3]["status"] == 400 and "not valid JSON" in lines[3]["error"], lines[3]
+assert lines[4]["adapters"] == [], lines[4]
+assert lines[5]["status"] == 404 and lines[5]["id"] == 6, lines[5]
+PY
+
 # eval
 "$bin" eval --model "$backbone" --adapter "$work/run/adapter" --data "$work/dev.tsv" | grep -Eq '^accuracy [01]\.[0-9]{4}$' \
   || fail "eval printed no accuracy"

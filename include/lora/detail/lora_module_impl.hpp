@@ -97,6 +97,8 @@ std::shared_ptr<torch::nn::Module> LoRAModuleImpl<Kind>::clone(const c10::option
   // reset() cleared the merge state, but the copied weights are merged as ours are.
   auto& twin = *std::dynamic_pointer_cast<LoRAModuleImpl<Kind>>(copy);
   twin.merged_ = merged_;
+  twin.routing_ = nullptr;  // a routing belongs to one batch of this model
+  twin.routed_base_.clear();
   for (const auto& [name, norm] : dora_merge_norms_) twin.dora_merge_norms_[name] = device ? norm.to(*device) : norm.clone();
   return copy;
 }
@@ -219,29 +221,68 @@ void LoRAModuleImpl<Kind>::delete_adapter(const std::string& name) {
 
 template <typename Kind>
 void LoRAModuleImpl<Kind>::drop_modules(const std::string& name) {
-  // ModuleDict::pop keeps the child registered, so rebuild each container without it.
-  const auto without = [&](const torch::nn::ModuleDict& dict) {
+  rebuild_containers(name, "");
+}
+
+template <typename Kind>
+void LoRAModuleImpl<Kind>::rebuild_containers(const std::string& from, const std::string& to) {
+  // ModuleDict::pop keeps the child registered, so rebuild each container.
+  const auto key_for = [&](const std::string& key) { return key == from ? to : key; };
+  const auto rebuilt = [&](const torch::nn::ModuleDict& dict) {
     torch::nn::ModuleDict kept;
     for (const auto& item : *dict) {
-      if (item.key() != name) kept->update({{item.key(), item.value()}});
+      if (!key_for(item.key()).empty()) kept->update({{key_for(item.key()), item.value()}});
     }
     return kept;
   };
   if constexpr (kParameterFactors) {
-    const auto without_factor = [&](const detail::FactorTable& table) {
+    const auto rebuilt_table = [&](const detail::FactorTable& table) {
       detail::FactorTable kept;
       for (const auto& key : table->names()) {
-        if (key != name && table->contains(key)) kept->insert(key, table->get(key));
+        if (!key_for(key).empty()) kept->insert(key_for(key), table->get(key));
       }
       return kept;
     };
-    lora_A_ = this->replace_module(Kind::a_key, without_factor(lora_A_));
-    lora_B_ = this->replace_module(Kind::b_key, without_factor(lora_B_));
+    lora_A_ = this->replace_module(Kind::a_key, rebuilt_table(lora_A_));
+    lora_B_ = this->replace_module(Kind::b_key, rebuilt_table(lora_B_));
   } else {
-    lora_A_ = this->replace_module(Kind::a_key, without(lora_A_));
-    lora_B_ = this->replace_module(Kind::b_key, without(lora_B_));
+    lora_A_ = this->replace_module(Kind::a_key, rebuilt(lora_A_));
+    lora_B_ = this->replace_module(Kind::b_key, rebuilt(lora_B_));
   }
-  lora_magnitude_vector_ = this->replace_module("lora_magnitude_vector", without(lora_magnitude_vector_));
+  lora_magnitude_vector_ = this->replace_module("lora_magnitude_vector", rebuilt(lora_magnitude_vector_));
+}
+
+template <typename Kind>
+void LoRAModuleImpl<Kind>::set_adapter_config(const std::string& name, std::shared_ptr<const LoraConfig> config) {
+  check_adapter(name, "configure");
+  for (auto& entry : adapters_) {
+    if (entry.name == name) entry.config = std::move(config);
+  }
+}
+
+template <typename Kind>
+void LoRAModuleImpl<Kind>::check_rename_adapter(const std::string& from, const std::string& to) const {
+  check_adapter(from, "rename");
+  TORCH_CHECK(!to.empty() && to.find('.') == std::string::npos, Kind::layer_name,
+              ": adapter name must be non-empty and contain no '.' (got '", to, "')");
+  TORCH_CHECK(to == from || !has_adapter(to), Kind::layer_name, ": cannot rename adapter '", from, "' to '", to,
+              "', which exists already");
+}
+
+template <typename Kind>
+void LoRAModuleImpl<Kind>::rename_adapter(const std::string& from, const std::string& to) {
+  check_rename_adapter(from, to);
+  if (from == to) return;
+  rebuild_containers(from, to);
+  for (auto& entry : adapters_) {
+    if (entry.name == from) entry.name = to;
+  }
+  for (auto* names : {&active_, &merged_}) std::replace(names->begin(), names->end(), from, to);
+  const auto norm = dora_merge_norms_.find(from);
+  if (norm != dora_merge_norms_.end()) {
+    dora_merge_norms_[to] = norm->second;
+    dora_merge_norms_.erase(from);
+  }
 }
 
 template <typename Kind>
@@ -391,9 +432,8 @@ at::Tensor LoRAModuleImpl<Kind>::adapted_weight() const {
 template <typename Kind>
 at::Tensor LoRAModuleImpl<Kind>::forward(const at::Tensor& input) {
   Kind::check_input(base_options_, input);
-  const auto is_pending = [this](const std::string& name) {
-    return std::find(merged_.begin(), merged_.end(), name) == merged_.end();
-  };
+  if (routing_) return forward_routed(input);
+  const auto is_pending = [this](const std::string& name) { return !is_merged(name); };
   if (!enabled_ || std::none_of(active_.begin(), active_.end(), is_pending)) {
     return Kind::base_forward(*base_layer_, input);
   }
@@ -404,41 +444,115 @@ at::Tensor LoRAModuleImpl<Kind>::forward(const at::Tensor& input) {
 
   // DoRA adapters first: they read the pristine base output, which the plain adapters below
   // then update in place.
-  for (const bool dora_pass : {true, false}) {
-    for (const auto& name : active_) {
-      const auto& options = adapter_options(name);
-      if (options.use_dora() != dora_pass || !is_pending(name)) continue;
-      const auto& A = lora_A(name);
-      const auto& B = lora_B(name);
-      const double s = options.scaling();
-      const bool dropped = dropout_active && options.dropout() > 0.0;
-      auto xa = Kind::cast_input(x, A.scalar_type());
-      if (dropped) xa = at::dropout(xa, options.dropout(), /*train=*/true);
-      const auto h = Kind::down(*base_layer_, xa, A);
-
-      if (dora_pass) {
-        const auto delta = functional::delta_weight(Kind::factor_matrix(A).detach(), Kind::factor_matrix(B).detach(), s);
-        const auto norm = functional::dora_weight_norm(weight_matrix(), delta);
-        const auto magnitude = magnitude_vector(name);
-        // m / ‖W + s·B·A‖, the norm constant, shaped to broadcast on the output.
-        const auto scale = Kind::channel(magnitude / norm.to(magnitude.scalar_type()));
-        // W·x without bias: derived from the base output when no dropout altered x (PEFT does the same).
-        at::Tensor base_term;
-        if (dropped) {
-          base_term = Kind::base_without_bias(*base_layer_, xa);
-        } else {
-          const auto bias = base_bias();
-          base_term = (bias.defined() ? base_output - Kind::channel(bias) : base_output).to(h.scalar_type());
-        }
-        const auto term = (scale - 1) * base_term + scale * Kind::up(h, B) * s;
-        result = result.scalar_type() == term.scalar_type() ? result + term
-                                                            : (result + term).to(result.scalar_type());
-      } else {
-        result = Kind::accumulate(result, h, B, s);
-      }
-    }
+  for (const auto& name : active_) {
+    if (!adapter_options(name).use_dora() || !is_pending(name)) continue;
+    result = add_term(result, adapter_term(name, x, base_output, dropout_active));
+  }
+  for (const auto& name : active_) {
+    const auto& options = adapter_options(name);
+    if (options.use_dora() || !is_pending(name)) continue;
+    const auto& A = lora_A(name);
+    auto xa = Kind::cast_input(x, A.scalar_type());
+    if (dropout_active && options.dropout() > 0.0) xa = at::dropout(xa, options.dropout(), /*train=*/true);
+    result = Kind::accumulate(result, Kind::down(*base_layer_, xa, A), lora_B(name), options.scaling());
   }
   return Kind::unflatten(result, input);
+}
+
+template <typename Kind>
+at::Tensor LoRAModuleImpl<Kind>::add_term(const at::Tensor& result, const at::Tensor& term) {
+  return result.scalar_type() == term.scalar_type() ? result + term : (result + term).to(result.scalar_type());
+}
+
+template <typename Kind>
+at::Tensor LoRAModuleImpl<Kind>::adapter_term(const std::string& name, const at::Tensor& x,
+                                              const at::Tensor& base_output, bool dropout_active) const {
+  const auto& options = adapter_options(name);
+  const auto& A = lora_A(name);
+  const auto& B = lora_B(name);
+  const double s = options.scaling();
+  const bool dropped = dropout_active && options.dropout() > 0.0;
+  auto xa = Kind::cast_input(x, A.scalar_type());
+  if (dropped) xa = at::dropout(xa, options.dropout(), /*train=*/true);
+  const auto h = Kind::down(*base_layer_, xa, A);
+  if (!options.use_dora()) return Kind::up(h, B) * s;
+
+  const auto delta = functional::delta_weight(Kind::factor_matrix(A).detach(), Kind::factor_matrix(B).detach(), s);
+  const auto norm = functional::dora_weight_norm(weight_matrix(), delta);
+  const auto magnitude = magnitude_vector(name);
+  // m / ‖W + s·B·A‖, the norm constant, shaped to broadcast on the output.
+  const auto scale = Kind::channel(magnitude / norm.to(magnitude.scalar_type()));
+  // W·x without bias: derived from the base output when no dropout altered x (PEFT does the same).
+  at::Tensor base_term;
+  if (dropped) {
+    base_term = Kind::base_without_bias(*base_layer_, xa);
+  } else {
+    const auto bias = base_bias();
+    base_term = (bias.defined() ? base_output - Kind::channel(bias) : base_output).to(h.scalar_type());
+  }
+  return (scale - 1) * base_term + scale * Kind::up(h, B) * s;
+}
+
+template <typename Kind>
+at::Tensor LoRAModuleImpl<Kind>::forward_routed(const at::Tensor& input) {
+  const auto& routing = *routing_;
+  const auto x = Kind::flatten(base_options_, input);
+  const int64_t rows = x.size(0);
+  auto result = Kind::base_forward(*base_layer_, x);
+  const auto& live_weight = base_weight();
+  for (size_t group = 0; group < routed_base_.size(); ++group) {
+    const auto& values = routed_base_[group];
+    if (!values.weight.defined() || values.weight.is_same(live_weight)) continue;
+    const auto& group_rows = routing.rows(group, rows, x.device());
+    if constexpr (Kind::kind == LayerKind::kLinear) {
+      result.index_copy_(0, group_rows, at::linear(x.index_select(0, group_rows), Kind::matrix(values.weight), values.bias));
+    }
+  }
+  const bool dropout_active = Kind::uses_dropout && this->is_training();
+  const auto& groups = routing.groups();
+  for (size_t group = 0; group < groups.size(); ++group) {
+    if (groups[group].empty() || !has_adapter(groups[group])) continue;
+    const auto& group_rows = routing.rows(group, rows, x.device());
+    const auto term = adapter_term(groups[group], x.index_select(0, group_rows), result.index_select(0, group_rows),
+                                   dropout_active);
+    result.index_add_(0, group_rows, term.scalar_type() == result.scalar_type() ? term : term.to(result.scalar_type()));
+  }
+  return Kind::unflatten(result, input);
+}
+
+template <typename Kind>
+void LoRAModuleImpl<Kind>::check_route(bool with_base_values) const {
+  TORCH_CHECK(routing_ == nullptr, Kind::layer_name, ": a mixed-adapter batch is routed through this layer already");
+  TORCH_CHECK(merged_.empty(), Kind::layer_name, ": cannot route a mixed-adapter batch while adapters are merged (merged: ",
+              detail::join(merged_), "); call unmerge() first");
+  TORCH_CHECK(enabled_, Kind::layer_name, ": cannot route a mixed-adapter batch while adapters are disabled");
+  TORCH_CHECK(!with_base_values || Kind::kind == LayerKind::kLinear, Kind::layer_name,
+              ": per-adapter base values (a saved module's copies) are routed through Linear layers only");
+}
+
+template <typename Kind>
+void LoRAModuleImpl<Kind>::route(std::shared_ptr<const detail::Routing> routing,
+                                 std::vector<detail::RoutedBase> base_values) {
+  if (routing == nullptr) {
+    routing_ = nullptr;
+    routed_base_.clear();
+    update_requires_grad();
+    return;
+  }
+  const bool with_base_values = std::any_of(base_values.begin(), base_values.end(),
+                                            [](const detail::RoutedBase& values) { return values.weight.defined(); });
+  check_route(with_base_values);
+  TORCH_CHECK(base_values.empty() || base_values.size() == routing->groups().size(), Kind::layer_name, ": ",
+              base_values.size(), " base values for ", routing->groups().size(), " routing groups");
+  const auto& groups = routing->groups();
+  for (const auto& entry : adapters_) {
+    const bool routed = entry.trainable && std::find(groups.begin(), groups.end(), entry.name) != groups.end();
+    lora_A(entry.name).requires_grad_(routed);
+    lora_B(entry.name).requires_grad_(routed);
+    if (entry.options.use_dora()) lora_magnitude_vector(entry.name).requires_grad_(routed);
+  }
+  routing_ = std::move(routing);
+  routed_base_ = std::move(base_values);
 }
 
 template <typename Kind>

@@ -11,6 +11,7 @@
 #include <map>
 #include <memory>
 #include <set>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -50,6 +51,10 @@ struct LoadOptions {
   /// Where notices go (unknown config keys, saved modules the file does not hold); nullptr:
   /// silent.
   std::ostream* warn = &std::cerr;
+  /// The name the adapter was saved under, which says where in `dir` it is (PEFT keeps an
+  /// adapter other than "default" in `dir/<name>`). Unset: the name it is loaded as. Give
+  /// "default" to load `dir` itself under any name.
+  std::optional<std::string> saved_as;
 };
 
 /// What `load_adapter` attached, with the configuration it read (which the model now
@@ -359,24 +364,38 @@ inline std::vector<std::string> modules_without_tensors(const AdapterPlan& plan,
 ///     auto loaded = lora::io::load_adapter(*model, "sst2-adapter");
 ///     std::cout << loaded.report.to_string();
 inline LoadedAdapter load_adapter(torch::nn::Module& model, const std::string& dir, const std::string& name = "default",
-                                  const LoadOptions& options = {}) {
-  auto files = detail::read_adapter_files(dir, name, options.warn);
+                                  const LoadOptions& options = {});
+
+namespace detail {
+
+/// `load_adapter` of files already read: attaches them to `model` as adapter `name` (which may
+/// differ from the name the folder was read under), all or nothing.
+inline LoadedAdapter attach_adapter(torch::nn::Module& model, AdapterFiles files, const std::string& dir,
+                                    const std::string& name, const LoadOptions& options) {
   auto plan = plan_injection(model, files.config, name);
-  detail::plain_init(plan);
-  const auto kept = detail::modules_without_tensors(plan, files.tensors);
+  plain_init(plan);
+  const auto kept = modules_without_tensors(plan, files.tensors);
   lora::detail::UndoLog undo;
   auto report = lora::detail::apply_plan(model, plan, /*freeze_the_rest=*/true, undo);
-  load_adapter_state_dict(model, files.tensors, name, detail::peft_prefix());
+  load_adapter_state_dict(model, files.tensors, name, peft_prefix());
   if (!options.is_trainable) {
     lora::set_adapter_trainable(model, name, false);
     model.eval();
   }
   undo.commit();
   if (options.warn && !kept.empty()) {
-    *options.warn << "lora: " << dir << ": no tensors for " << lora::detail::join(kept)
-                  << " (implied by task_type " << files.config.task_type() << "); they keep the model's values\n";
+    *options.warn << "lora: " << dir << ": no tensors for " << lora::detail::join(kept) << " (implied by task_type "
+                  << files.config.task_type() << "); they keep the model's values\n";
   }
-  return {files.config, std::move(report), kept};
+  return {std::move(files.config), std::move(report), kept};
+}
+
+}  // namespace detail
+
+inline LoadedAdapter load_adapter(torch::nn::Module& model, const std::string& dir, const std::string& name,
+                                  const LoadOptions& options) {
+  return detail::attach_adapter(model, detail::read_adapter_files(dir, options.saved_as.value_or(name), options.warn), dir,
+                                name, options);
 }
 
 }  // namespace lora::io
