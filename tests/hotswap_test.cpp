@@ -186,4 +186,36 @@ TEST_F(HotswapTest, UnloadFreesTheNameAndRenameKeepsTheValues) {
   EXPECT_LT(max_abs_diff(mixed(model, {"alice", "bob", ""}), before), 1e-6);
 }
 
+TEST_F(HotswapTest, ARebuiltInactiveAdapterLeavesTheServingHeadAlone) {
+  const auto plain = lora::LoraConfig(lora::LoRAOptions(2).alpha(4)).target_modules({"query", "value"});
+  make_adapter("v1", "alice", plain, 1);  // no head
+  make_adapter("v1", "bob", lora::LoraConfig(lora::LoRAOptions(3)).target_modules({"key"}), 2);
+  make_adapter("v2", "alice", kAliceConfig, 3);  // with a classifier copy: a new saved module
+  auto model = base_model();
+  lora::io::load_adapter(*model, path("v1"), "alice", quiet());
+  lora::io::load_adapter(*model, path("v1"), "bob", quiet());
+  lora::set_adapter(*model, "bob");
+  torch::NoGradGuard no_grad;
+  const auto before = model->forward(batch_.ids, batch_.mask);
+  EXPECT_EQ(lora::io::hotswap_adapter(*model, path("v2"), "alice", quiet()).kind, lora::io::SwapKind::kRebuilt);
+  EXPECT_TRUE(model->forward(batch_.ids, batch_.mask).equal(before));  // bob's traffic: the original head
+  EXPECT_LT(max_abs_diff(mixed(model, {"alice", "bob", ""})[0], alone("v2", "alice", 1)[0]), 1e-5);
+}
+
+TEST_F(HotswapTest, RenameKeepsEveryTrainingFlag) {
+  lora::LoRAEmbedding embedding(torch::nn::EmbeddingOptions(10, 4));
+  embedding->add_adapter("x", lora::LoRAOptions(2));
+  embedding->add_adapter("y", lora::LoRAOptions(2));  // inactive: frozen
+  auto flags = [&] {
+    std::vector<bool> out;
+    for (const auto& parameter : embedding->parameters()) out.push_back(parameter.requires_grad());
+    return out;
+  };
+  const auto before = flags();
+  embedding->rename_adapter("y", "z");
+  EXPECT_EQ(flags(), before);
+  EXPECT_FALSE(embedding->lora_A("z").requires_grad());
+  EXPECT_TRUE(embedding->lora_A("x").requires_grad());
+}
+
 }  // namespace

@@ -259,8 +259,23 @@ TEST(MixedBatchTest, RefusalsNameTheProblemAndRouteNothing) {
   EXPECT_TRUE(throws_with([&] { lora::MixedBatch mix(*model, {}); }, "the batch is empty"));
   {
     lora::MixedBatch mix(*model, {"a", "b", "c"});  // three names, two examples
-    EXPECT_TRUE(throws_with([&] { model->forward(batch.ids, batch.mask); }, "not a multiple of the batch of 3"));
+    EXPECT_TRUE(throws_with([&] { model->forward(batch.ids, batch.mask); },
+                            "a mixed-adapter batch of 3 examples needs inputs whose first dimension is the batch"));
     EXPECT_TRUE(throws_with([&] { lora::MixedBatch again(*model, {"a", "b"}); }, "routed through this layer already"));
+  }
+  EXPECT_TRUE(unchanged());
+  {
+    // While routed, nothing may change what the layers compute.
+    lora::MixedBatch mix(*model, {"a", "b"});
+    const auto mixed = model->forward(batch.ids, batch.mask);
+    const auto* routed = "while a mixed-adapter batch is routed";
+    EXPECT_TRUE(throws_with([&] { lora::set_adapter(*model, "b"); }, routed));
+    EXPECT_TRUE(throws_with([&] { lora::merge(*model); }, routed));
+    EXPECT_TRUE(throws_with([&] { lora::enable_adapters(*model, false); }, routed));
+    EXPECT_TRUE(throws_with([&] { lora::delete_adapter(*model, "c"); }, routed));
+    EXPECT_TRUE(throws_with([&] { lora::rename_adapter(*model, "c", "e"); }, routed));
+    EXPECT_TRUE(throws_with([&] { lora::set_adapter_trainable(*model, "a", false); }, routed));
+    EXPECT_TRUE(model->forward(batch.ids, batch.mask).equal(mixed));
   }
   EXPECT_TRUE(unchanged());
 

@@ -505,8 +505,11 @@ int run_serve(const std::string& model_folder, const ServeFlags& flags) {
   std::signal(SIGTERM, [](int) { serve_stop_requested = 1; });
   std::atomic<bool> stopped{false};
   std::thread watcher([&] {
-    while (!stopped && !serve_stop_requested) std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    http.stop();
+    // stop() only acts once the server runs: keep asking until run() has returned.
+    while (!stopped) {
+      if (serve_stop_requested) http.stop();
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
   });
   http.run();
   stopped = true;

@@ -91,16 +91,18 @@ class ClassifyServer {
   /// Queues one text for `adapter` ("" : the base model). Throws RequestError at once for an
   /// unknown adapter (404), an empty or oversized text (400, 413).
   std::future<Classification> submit(std::string text, std::string adapter) {
+    const auto arrived = std::chrono::steady_clock::now();
     if (text.empty()) throw RequestError(400, "'text' is empty");
     if (text.size() > options_.max_text_bytes) {
       throw RequestError(413, "'text' has " + std::to_string(text.size()) + " bytes; at most " +
                                   std::to_string(options_.max_text_bytes) + " are accepted");
     }
     if (!adapter.empty()) {
-      std::lock_guard<std::mutex> lock(model_mutex_);
-      if (!adapters_.count(adapter)) throw RequestError(404, "unknown adapter '" + adapter + "' (loaded: " + names_locked() + ")");
+      // Not the model's lock: a request must not wait for the forward pass in progress to queue.
+      std::lock_guard<std::mutex> lock(names_mutex_);
+      if (!served_.count(adapter)) throw RequestError(404, "unknown adapter '" + adapter + "' (loaded: " + served_names() + ")");
     }
-    Pending pending{std::move(text), std::move(adapter), std::chrono::steady_clock::now(), {}};
+    Pending pending{std::move(text), std::move(adapter), arrived, {}};
     auto future = pending.promise.get_future();
     {
       std::lock_guard<std::mutex> lock(queue_mutex_);
@@ -128,6 +130,10 @@ class ClassifyServer {
     if (adapters_.count(name)) throw RequestError(409, "adapter '" + name + "' is loaded already; hot-swap or unload it");
     const auto loaded = guarded([&] { return lora::io::load_adapter(model_.module(), folder, name, load_options(folder, name)); });
     model_.module().eval();
+    {
+      std::lock_guard<std::mutex> names_lock(names_mutex_);
+      served_.insert(name);
+    }
     return adapters_[name] = {name, folder, loaded.config.adapter().r(), loaded.config.target_modules()};
   }
 
@@ -145,8 +151,10 @@ class ClassifyServer {
   void unload(const std::string& name) {
     std::lock_guard<std::mutex> lock(model_mutex_);
     if (!adapters_.count(name)) throw RequestError(404, "unknown adapter '" + name + "' (loaded: " + names_locked() + ")");
-    lora::delete_adapter(model_.module(), name);
+    guarded([&] { lora::delete_adapter(model_.module(), name); });
     adapters_.erase(name);
+    std::lock_guard<std::mutex> names_lock(names_mutex_);
+    served_.erase(name);
   }
 
   const lora::models::SequenceClassifier& model() const { return model_; }
@@ -187,6 +195,12 @@ class ClassifyServer {
   std::string names_locked() const {
     std::string names;
     for (const auto& item : adapters_) names += (names.empty() ? "" : ", ") + item.first;
+    return names.empty() ? "none" : names;
+  }
+  /// The served names, for a request's 404 (names_mutex_ held).
+  std::string served_names() const {
+    std::string names;
+    for (const auto& name : served_) names += (names.empty() ? "" : ", ") + name;
     return names.empty() ? "none" : names;
   }
 
@@ -268,6 +282,8 @@ class ClassifyServer {
 
   mutable std::mutex model_mutex_;  // the model and adapters_: one forward or admin change at a time
   std::map<std::string, AdapterInfo> adapters_;
+  std::mutex names_mutex_;  // served_, what submit checks names against (taken after model_mutex_)
+  std::set<std::string> served_;
 
   std::mutex queue_mutex_;
   std::condition_variable queue_changed_;

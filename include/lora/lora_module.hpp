@@ -186,6 +186,8 @@ class LoRAModuleImpl : public torch::nn::Cloneable<LoRAModuleImpl<Kind>>, public
       std::conditional_t<kParameterFactors, detail::FactorTable, torch::nn::ModuleDict>;
 
   static BaseOptions checked_options(const BaseHolder& base);
+  /// Throws while a mixed-adapter batch is routed: `operation` would change what it computes.
+  void check_not_routed(const char* operation) const;
   void build(BaseHolder base);
   /// Removes an adapter's modules from the containers (not from `adapters_`).
   void drop_modules(const std::string& name);

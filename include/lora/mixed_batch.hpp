@@ -66,7 +66,9 @@ class MixedBatch {
     };
     std::vector<Planned> planned;
     std::vector<std::shared_ptr<ModulesToSaveImpl>> saved_modules;
+    std::set<const AdapterLayer*> seen;  // a module registered under two paths is routed once
     for (const auto& [path, holder] : holders) {
+      if (!seen.insert(holder.get()).second) continue;
       TORCH_CHECK(holder->adapters_enabled(), "lora::MixedBatch: adapters are disabled in '", path,
                   "'; call enable_adapters(true) first");
       if (auto layer = std::dynamic_pointer_cast<LoRALayer>(holder)) {

@@ -97,6 +97,7 @@ class ModulesToSaveImpl : public torch::nn::Module, public AdapterLayer {
 
   /// Throws what `add_adapter(name)` would throw, changing nothing.
   void check_add_adapter(const std::string& name) const {
+    check_not_routed("add an adapter");
     TORCH_CHECK(!name.empty() && name.find('.') == std::string::npos,
                 "lora::ModulesToSave: adapter name must be non-empty and contain no '.' (got '", name, "')");
     TORCH_CHECK(!has_adapter(name), "lora::ModulesToSave: adapter '", name, "' already exists");
@@ -144,6 +145,7 @@ class ModulesToSaveImpl : public torch::nn::Module, public AdapterLayer {
   /// Training flags for a mixed-adapter batch (`lora::MixedBatch`): the copies of the routed
   /// adapters that are trainable train, nothing else, until `unroute()`.
   void route(const std::vector<std::string>& routed_adapters) {
+    routed_ = true;
     for (size_t i = 0; i < entries_.size(); ++i) {
       if (entries_[i].parameter) original_.tensors[i].requires_grad_(false);
     }
@@ -156,7 +158,10 @@ class ModulesToSaveImpl : public torch::nn::Module, public AdapterLayer {
     }
   }
   /// Back to the active adapter's training flags.
-  void unroute() { settle(); }
+  void unroute() {
+    routed_ = false;
+    settle();
+  }
 
   // AdapterLayer
   std::vector<std::string> adapter_names() const override {
@@ -167,6 +172,7 @@ class ModulesToSaveImpl : public torch::nn::Module, public AdapterLayer {
   bool has_adapter(const std::string& name) const override { return find(name) != nullptr; }
 
   void check_set_adapters(const std::vector<std::string>& names) const override {
+    check_not_routed("change the active adapter");
     for (const auto& name : names) {
       TORCH_CHECK(has_adapter(name), "lora::ModulesToSave: cannot activate unknown adapter '", name,
                   "' (adapters: ", detail::join(adapter_names()), ")");
@@ -182,12 +188,14 @@ class ModulesToSaveImpl : public torch::nn::Module, public AdapterLayer {
   const std::vector<std::string>& active_adapters() const override { return active_; }
 
   void enable_adapters(bool enabled) override {
+    check_not_routed(enabled ? "enable adapters" : "disable adapters");
     enabled_ = enabled;
     settle();
   }
   bool adapters_enabled() const override { return enabled_; }
 
   void check_delete_adapter(const std::string& name) const override {
+    check_not_routed("delete an adapter");
     TORCH_CHECK(has_adapter(name), "lora::ModulesToSave: cannot delete unknown adapter '", name, "' (adapters: ",
                 detail::join(adapter_names()), ")");
   }
@@ -226,6 +234,7 @@ class ModulesToSaveImpl : public torch::nn::Module, public AdapterLayer {
   }
 
   void check_rename_adapter(const std::string& from, const std::string& to) const override {
+    check_not_routed("rename an adapter");
     TORCH_CHECK(has_adapter(from), "lora::ModulesToSave: cannot rename unknown adapter '", from, "' (adapters: ",
                 detail::join(adapter_names()), ")");
     TORCH_CHECK(!to.empty() && to.find('.') == std::string::npos,
@@ -236,17 +245,18 @@ class ModulesToSaveImpl : public torch::nn::Module, public AdapterLayer {
   void rename_adapter(const std::string& from, const std::string& to) override {
     check_rename_adapter(from, to);
     if (from == to) return;
+    // Re-registered in order, so that parameters() keeps its order (optimizers index by it).
+    for (const auto& copy : copies_) copies_holder_->unregister_module(copy.name);
     for (auto& copy : copies_) {
-      if (copy.name != from) continue;
-      copies_holder_->unregister_module(from);
-      copies_holder_->register_module(to, copy.slot.module);
-      copy.name = to;
+      if (copy.name == from) copy.name = to;
+      copies_holder_->register_module(copy.name, copy.slot.module);
     }
     std::replace(active_.begin(), active_.end(), from, to);
     if (live_key_ == from) live_key_ = to;
   }
 
   void set_trainable(const std::string& name, bool trainable) override {
+    check_not_routed("freeze or unfreeze an adapter");
     TORCH_CHECK(has_adapter(name), "lora::ModulesToSave: cannot freeze unknown adapter '", name, "'");
     for (auto& copy : copies_) {
       if (copy.name == name) copy.trainable = trainable;
@@ -282,6 +292,11 @@ class ModulesToSaveImpl : public torch::nn::Module, public AdapterLayer {
     std::shared_ptr<const LoraConfig> config;
     bool trainable = true;
   };
+
+  void check_not_routed(const char* operation) const {
+    TORCH_CHECK(!routed_, "lora::ModulesToSave: cannot ", operation,
+                " while a mixed-adapter batch is routed through the module (a lora::MixedBatch lives)");
+  }
 
   const Copy* find(const std::string& name) const {
     for (const auto& copy : copies_) {
@@ -392,6 +407,7 @@ class ModulesToSaveImpl : public torch::nn::Module, public AdapterLayer {
   std::string live_key_;
   std::vector<std::string> active_;
   bool enabled_ = true;
+  bool routed_ = false;  ///< a mixed-adapter batch holds handles to the copies' tensors
 };
 
 /// Module holder for `ModulesToSaveImpl`.

@@ -20,7 +20,8 @@ class FactorTableImpl : public torch::nn::Cloneable<FactorTableImpl> {
  public:
   FactorTableImpl() = default;
 
-  /// Registers `tensor` as parameter `name` (replacing an entry of that name).
+  /// Registers `tensor` as parameter `name` (replacing an entry of that name), keeping its
+  /// `requires_grad`.
   void insert(const std::string& name, const at::Tensor& tensor) {
     auto it = std::find_if(shapes_.begin(), shapes_.end(), [&](const auto& entry) { return entry.first == name; });
     if (it == shapes_.end()) {
@@ -28,7 +29,7 @@ class FactorTableImpl : public torch::nn::Cloneable<FactorTableImpl> {
     } else {
       it->second = tensor.sizes().vec();
     }
-    register_parameter(name, tensor);
+    register_parameter(name, tensor, tensor.requires_grad());  // its training flag kept
   }
   bool contains(const std::string& name) const { return parameters_.contains(name); }
   const at::Tensor& get(const std::string& name) const {

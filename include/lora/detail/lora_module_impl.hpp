@@ -33,6 +33,12 @@ inline void check_adapter_options(const char* who, const std::string& name, cons
 }
 
 template <typename Kind>
+void LoRAModuleImpl<Kind>::check_not_routed(const char* operation) const {
+  TORCH_CHECK(routing_ == nullptr, Kind::layer_name, ": cannot ", operation,
+              " while a mixed-adapter batch is routed through the layer (a lora::MixedBatch lives)");
+}
+
+template <typename Kind>
 LoRAModuleImpl<Kind>::LoRAModuleImpl(const BaseOptions& base_options) : base_options_(base_options) {
   build(BaseHolder(std::make_shared<BaseModule>(base_options_)));
 }
@@ -165,6 +171,7 @@ void LoRAModuleImpl<Kind>::initialize_adapter(const std::string& name, const LoR
 
 template <typename Kind>
 void LoRAModuleImpl<Kind>::check_add_adapter(const std::string& name, const LoRAOptions& options) const {
+  check_not_routed("add an adapter");
   TORCH_CHECK(!has_adapter(name), Kind::layer_name, ": adapter '", name, "' already exists");
   TORCH_CHECK(merged_.empty(), Kind::layer_name, ": cannot add adapter '", name, "' while merged (merged: ",
               detail::join(merged_), "); call unmerge() first");
@@ -195,6 +202,7 @@ std::shared_ptr<const LoraConfig> LoRAModuleImpl<Kind>::adapter_config(const std
 
 template <typename Kind>
 void LoRAModuleImpl<Kind>::set_trainable(const std::string& name, bool trainable) {
+  check_not_routed("freeze or unfreeze an adapter");
   check_adapter(name, "freeze");
   for (auto& entry : adapters_) {
     if (entry.name == name) entry.trainable = trainable;
@@ -204,6 +212,7 @@ void LoRAModuleImpl<Kind>::set_trainable(const std::string& name, bool trainable
 
 template <typename Kind>
 void LoRAModuleImpl<Kind>::check_delete_adapter(const std::string& name) const {
+  check_not_routed("delete an adapter");
   check_adapter(name, "delete");
   TORCH_CHECK(!is_merged(name), Kind::layer_name, ": cannot delete adapter '", name,
               "' while it is merged; call unmerge() first");
@@ -262,6 +271,7 @@ void LoRAModuleImpl<Kind>::set_adapter_config(const std::string& name, std::shar
 
 template <typename Kind>
 void LoRAModuleImpl<Kind>::check_rename_adapter(const std::string& from, const std::string& to) const {
+  check_not_routed("rename an adapter");
   check_adapter(from, "rename");
   TORCH_CHECK(!to.empty() && to.find('.') == std::string::npos, Kind::layer_name,
               ": adapter name must be non-empty and contain no '.' (got '", to, "')");
@@ -283,6 +293,7 @@ void LoRAModuleImpl<Kind>::rename_adapter(const std::string& from, const std::st
     dora_merge_norms_[to] = norm->second;
     dora_merge_norms_.erase(from);
   }
+  update_requires_grad();
 }
 
 template <typename Kind>
@@ -322,6 +333,7 @@ bool LoRAModuleImpl<Kind>::is_merged(const std::string& name) const {
 
 template <typename Kind>
 void LoRAModuleImpl<Kind>::check_set_adapters(const std::vector<std::string>& names) const {
+  check_not_routed("change the active adapters");
   for (const auto& name : names) {
     check_adapter(name, "activate");
     TORCH_CHECK(std::count(names.begin(), names.end(), name) == 1, Kind::layer_name, ": adapter '", name,
@@ -354,6 +366,7 @@ void LoRAModuleImpl<Kind>::update_requires_grad() {
 
 template <typename Kind>
 void LoRAModuleImpl<Kind>::enable_adapters(bool enabled) {
+  check_not_routed(enabled ? "enable adapters" : "disable adapters");
   if (!enabled && merged()) unmerge();
   enabled_ = enabled;
 }
@@ -496,6 +509,10 @@ at::Tensor LoRAModuleImpl<Kind>::adapter_term(const std::string& name, const at:
 template <typename Kind>
 at::Tensor LoRAModuleImpl<Kind>::forward_routed(const at::Tensor& input) {
   const auto& routing = *routing_;
+  const bool batched = input.dim() >= 2;
+  TORCH_CHECK(batched ? input.size(0) == routing.batch_size() : routing.batch_size() == 1, Kind::layer_name,
+              ": a mixed-adapter batch of ", routing.batch_size(), " examples needs inputs whose first dimension is "
+              "the batch (got input of shape ", input.sizes(), ")");
   const auto x = Kind::flatten(base_options_, input);
   const int64_t rows = x.size(0);
   auto result = Kind::base_forward(*base_layer_, x);
@@ -557,6 +574,7 @@ void LoRAModuleImpl<Kind>::route(std::shared_ptr<const detail::Routing> routing,
 
 template <typename Kind>
 void LoRAModuleImpl<Kind>::check_merge(const std::vector<std::string>& adapter_names) const {
+  check_not_routed("merge");
   TORCH_CHECK(enabled_, Kind::layer_name, ": cannot merge while adapters are disabled; call enable_adapters(true) first");
   for (const auto& name : adapter_names) check_adapter(name, "merge");
 }

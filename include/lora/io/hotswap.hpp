@@ -63,10 +63,10 @@ inline bool same_structure(const torch::nn::Module& model, const std::string& na
   return true;
 }
 
-/// An adapter name the model does not use, for the new adapter while the old one still serves.
-inline std::string unused_name(const torch::nn::Module& model, const std::string& base) {
+/// An adapter name the model does not use: `base` + `suffix` (+ "_" ...).
+inline std::string unused_name(const torch::nn::Module& model, const std::string& base, const std::string& suffix) {
   const auto names = lora::detail::all_adapter_names(model);
-  std::string candidate = base + "_hotswap";
+  std::string candidate = base + suffix;
   while (std::find(names.begin(), names.end(), candidate) != names.end()) candidate += "_";
   return candidate;
 }
@@ -79,9 +79,10 @@ inline std::string unused_name(const torch::nn::Module& model, const std::string
 ///
 /// When the structure is the same (see `SwapKind::kInPlace`) the values are copied in place and
 /// the adapter keeps its activity and training flags. Otherwise the new adapter is attached
-/// under a temporary name, the old one is deleted and the new one renamed: it is active in each
-/// layer where the old one was active (and in layers new to it, if the old one was active
-/// anywhere), trainable as `options.is_trainable` says, as a load makes it.
+/// under a temporary name, then takes the old one's name and the old one goes: it is active in
+/// each layer where the old one was active (and in layers new to it, if the old one was active
+/// anywhere), trainable as `options.is_trainable` says. Either way the rest of the model keeps
+/// its training flags and mode.
 ///
 /// All or nothing: a bad folder, a shape that does not fit, a merged adapter (refused) leave
 /// the model exactly as it was, still serving the old adapter.
@@ -113,20 +114,32 @@ inline HotswappedAdapter hotswap_adapter(torch::nn::Module& model, const std::st
     if (layer->has_adapter(name)) old_holders.insert(path);
     was_active = was_active || std::find(active.begin(), active.end(), name) != active.end();
   }
-  const auto temporary = detail::unused_name(model, name);
-  auto loaded = detail::attach_adapter(model, std::move(files), dir, temporary, options);  // all or nothing
-  // Past this point nothing is expected to fail (the old adapter is not merged, the name is
-  // free); should it, the new adapter goes and the old one stays.
+  const auto temporary = detail::unused_name(model, name, "_hotswap");
+  auto loaded = detail::attach_adapter(model, std::move(files), dir, temporary, options, /*as_a_load=*/false);
+  // The new adapter serves beside the old one; now they trade names. Nothing here is expected
+  // to fail (the names are free and valid, nothing is merged); should it, every step so far is
+  // undone and the old adapter serves on.
+  const auto backup = detail::unused_name(model, name, "_replaced");
+  int renamed = 0;
   try {
-    lora::delete_adapter(model, name);
+    lora::rename_adapter(model, name, backup);
+    ++renamed;
     lora::rename_adapter(model, temporary, name);
+    ++renamed;
+    lora::delete_adapter(model, backup);
   } catch (...) {
-    const auto names = lora::detail::all_adapter_names(model);
-    if (std::find(names.begin(), names.end(), temporary) != names.end()) lora::delete_adapter(model, temporary);
+    if (renamed == 2) lora::rename_adapter(model, name, temporary);
+    if (renamed >= 1) lora::rename_adapter(model, backup, name);
+    lora::delete_adapter(model, temporary);
+    for (const auto& [path, layer] : adapter_layers(model)) {
+      const auto before = active_before.find(path);
+      if (before != active_before.end()) layer->set_adapters(before->second);
+    }
     throw;
   }
   // Layers keep their active sets; a layer the new adapter reaches first takes it in as active
-  // when the old one was active.
+  // when the old one was active, and stays inactive otherwise (a new saved module would else
+  // serve its copy to everyone).
   for (const auto& [path, layer] : adapter_layers(model)) {
     std::vector<std::string> active;
     const auto before = active_before.find(path);
@@ -139,7 +152,6 @@ inline HotswappedAdapter hotswap_adapter(torch::nn::Module& model, const std::st
       if (std::dynamic_pointer_cast<LoRALayer>(layer) == nullptr) active.clear();  // one saved copy at a time
       active.push_back(name);
     }
-    if (before == active_before.end() && !was_active) continue;  // new to the model: as the load made it
     layer->set_adapters(active);
   }
   return {std::move(loaded.config), SwapKind::kRebuilt};

@@ -369,18 +369,19 @@ inline LoadedAdapter load_adapter(torch::nn::Module& model, const std::string& d
 namespace detail {
 
 /// `load_adapter` of files already read: attaches them to `model` as adapter `name` (which may
-/// differ from the name the folder was read under), all or nothing.
+/// differ from the name the folder was read under), all or nothing. `as_a_load` false (a
+/// hot-swap): the rest of the model keeps its training flags and mode.
 inline LoadedAdapter attach_adapter(torch::nn::Module& model, AdapterFiles files, const std::string& dir,
-                                    const std::string& name, const LoadOptions& options) {
+                                    const std::string& name, const LoadOptions& options, bool as_a_load = true) {
   auto plan = plan_injection(model, files.config, name);
   plain_init(plan);
   const auto kept = modules_without_tensors(plan, files.tensors);
   lora::detail::UndoLog undo;
-  auto report = lora::detail::apply_plan(model, plan, /*freeze_the_rest=*/true, undo);
+  auto report = lora::detail::apply_plan(model, plan, /*freeze_the_rest=*/as_a_load, undo);
   load_adapter_state_dict(model, files.tensors, name, peft_prefix());
   if (!options.is_trainable) {
     lora::set_adapter_trainable(model, name, false);
-    model.eval();
+    if (as_a_load) model.eval();
   }
   undo.commit();
   if (options.warn && !kept.empty()) {
