@@ -167,6 +167,15 @@ class ClassifyServer {
     std::promise<Classification> promise;
   };
 
+  /// The model's name for a label; without `id2label`, a binary model's are SST-2's (as
+  /// `lora-sentiment predict` prints them), others' their number.
+  std::string label_name(int64_t label) const {
+    const auto& names = model_.id2label();
+    if (names.count(label)) return names.at(label);
+    if (model_.num_labels() == 2) return label == 1 ? "positive" : "negative";
+    return std::to_string(label);
+  }
+
   /// `folder` is the adapter's own folder (adapter_config.json in it), or a PEFT folder of
   /// several adapters with this one in `folder/name`.
   static lora::io::LoadOptions load_options(const std::string& folder, const std::string& name) {
@@ -259,8 +268,7 @@ class ClassifyServer {
         Classification result;
         result.probabilities.assign(values + static_cast<int64_t>(i) * labels, values + (static_cast<int64_t>(i) + 1) * labels);
         result.label = std::max_element(result.probabilities.begin(), result.probabilities.end()) - result.probabilities.begin();
-        const auto& names = model_.id2label();
-        result.label_name = names.count(result.label) ? names.at(result.label) : std::to_string(result.label);
+        result.label_name = label_name(result.label);
         result.adapter = ready[i]->adapter;
         result.latency_ms = std::chrono::duration<double, std::milli>(done - ready[i]->arrived).count();
         result.batch_size = static_cast<int64_t>(ready.size());

@@ -54,7 +54,7 @@ struct LoadOptions {
   /// The name the adapter was saved under, which says where in `dir` it is (PEFT keeps an
   /// adapter other than "default" in `dir/<name>`). Unset: the name it is loaded as. Give
   /// "default" to load `dir` itself under any name.
-  std::optional<std::string> saved_as;
+  std::optional<std::string> saved_as = std::nullopt;
 };
 
 /// What `load_adapter` attached, with the configuration it read (which the model now
