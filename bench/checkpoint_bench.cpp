@@ -59,11 +59,3 @@ void BM_LoadBertFolder(benchmark::State& state) {
 BENCHMARK(BM_ReadSafetensors)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_ReadSafetensorsAndTouch)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_LoadBertFolder)->Unit(benchmark::kMillisecond)->UseRealTime();
-
-int main(int argc, char** argv) {
-  torch::set_num_threads(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
-  benchmark::Initialize(&argc, argv);
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
-}

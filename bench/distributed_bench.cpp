@@ -28,6 +28,7 @@
 #include <lora/models/bert_checkpoint.hpp>
 #include <torch/torch.h>
 
+#include "bert_mini.hpp"
 #include "sst2_lengths.hpp"
 
 namespace {
@@ -39,17 +40,12 @@ struct Options {
 };
 
 lora::models::BertConfig config_for(const std::string& size) {
-  lora::models::BertConfig config;  // bert-base by default
-  if (size == "mini") {
-    config.hidden_size = 256;
-    config.num_hidden_layers = 4;
-    config.num_attention_heads = 4;
-    config.intermediate_size = 1024;
-  } else if (size != "base") {
+  if (size == "mini") return bert_mini_config();
+  if (size != "base") {
     std::cerr << "--size: mini or base, not " << size << "\n";
     std::exit(2);
   }
-  return config;
+  return {};  // BertConfig's defaults are bert-base's
 }
 
 /// The same global batches in every process: a seeded draw of row lengths, right-padded.

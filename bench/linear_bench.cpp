@@ -178,13 +178,6 @@ BENCHMARK(BM_LoRATrainStep)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_LoRATrainStepOutOfPlace)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_ReparametrizedTrainStep)->Unit(benchmark::kMillisecond)->UseRealTime();
 
-int main(int argc, char** argv) {
-  torch::set_num_threads(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
-  benchmark::Initialize(&argc, argv);
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
-}
 BENCHMARK(BM_InPlaceForward)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_InPlaceTrainStep)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_Conv2dForward)->Unit(benchmark::kMillisecond)->UseRealTime();

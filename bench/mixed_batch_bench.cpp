@@ -22,24 +22,16 @@
 #include <lora/lora.hpp>
 #include <lora/models/bert.hpp>
 
+#include "bert_mini.hpp"
+
 namespace {
 
 constexpr int64_t kBatch = 32;
 constexpr int64_t kLength = 48;
 
-lora::models::BertConfig mini_config() {
-  lora::models::BertConfig config;
-  config.vocab_size = 30522;
-  config.hidden_size = 256;
-  config.num_hidden_layers = 4;
-  config.num_attention_heads = 4;
-  config.intermediate_size = 1024;
-  return config;
-}
-
 /// One model holding `adapters` adapters ("a0", "a1", ...), each with its own values and head.
 struct Served {
-  explicit Served(int64_t adapters) : model(mini_config()) {
+  explicit Served(int64_t adapters) : model(bert_mini_config()) {
     torch::manual_seed(0);
     const auto config =
         lora::LoraConfig(lora::LoRAOptions(8).alpha(16)).target_modules({"query", "value"}).task_type("SEQ_CLS");
@@ -102,7 +94,7 @@ void BM_LoopedSubBatches(benchmark::State& state) {
     rows.push_back(torch::tensor(mine, torch::kLong));
   }
   for (auto _ : state) {
-    auto logits = torch::empty({kBatch, mini_config().num_labels});
+    auto logits = torch::empty({kBatch, bert_mini_config().num_labels});
     for (size_t a = 0; a < s.names.size(); ++a) {
       if (rows[a].numel() == 0) continue;
       lora::set_adapter(*s.model, s.names[a]);
@@ -116,7 +108,7 @@ void BM_MergePerRequest(benchmark::State& state) {
   auto& s = served(state.range(0));
   torch::NoGradGuard no_grad;
   for (auto _ : state) {
-    auto logits = torch::empty({kBatch, mini_config().num_labels});
+    auto logits = torch::empty({kBatch, bert_mini_config().num_labels});
     for (int64_t i = 0; i < kBatch; ++i) {
       lora::set_adapter(*s.model, s.per_example[static_cast<size_t>(i)]);
       lora::merge(*s.model);
@@ -133,11 +125,3 @@ BENCHMARK(BM_OneAdapter)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_MixedBatch)->Arg(1)->Arg(8)->Arg(64)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_LoopedSubBatches)->Arg(1)->Arg(8)->Arg(64)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_MergePerRequest)->Arg(1)->Arg(8)->Arg(64)->Unit(benchmark::kMillisecond)->UseRealTime();
-
-int main(int argc, char** argv) {
-  torch::set_num_threads(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
-  benchmark::Initialize(&argc, argv);
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
-}

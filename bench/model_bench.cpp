@@ -39,6 +39,7 @@
 #include <torch/csrc/autograd/profiler_legacy.h>
 #include <torch/torch.h>
 
+#include "bert_mini.hpp"
 #include "sst2_lengths.hpp"
 
 namespace {
@@ -52,14 +53,7 @@ struct Size {
   int64_t latency_tokens = 0;  ///< the single-sentence case
 };
 
-Size mini_size() {
-  Size size{"mini", {}, 16};
-  size.config.hidden_size = 256;
-  size.config.num_hidden_layers = 4;
-  size.config.num_attention_heads = 4;
-  size.config.intermediate_size = 1024;
-  return size;
-}
+Size mini_size() { return {"mini", bert_mini_config(), 16}; }
 
 Size base_size() {
   Size size{"base", {}, 64};  // BertConfig's defaults are bert-base's

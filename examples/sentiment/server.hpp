@@ -14,7 +14,6 @@
 #include <future>
 #include <map>
 #include <mutex>
-#include <set>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -97,11 +96,8 @@ class ClassifyServer {
       throw RequestError(413, "'text' has " + std::to_string(text.size()) + " bytes; at most " +
                                   std::to_string(options_.max_text_bytes) + " are accepted");
     }
-    if (!adapter.empty()) {
-      // Not the model's lock: a request must not wait for the forward pass in progress to queue.
-      std::lock_guard<std::mutex> lock(names_mutex_);
-      if (!served_.count(adapter)) throw RequestError(404, "unknown adapter '" + adapter + "' (loaded: " + served_names() + ")");
-    }
+    // Not under the model's lock: a request must not wait for the forward pass in progress to queue.
+    if (!adapter.empty() && !serves(adapter)) throw unknown(adapter);
     Pending pending{std::move(text), std::move(adapter), arrived, {}};
     auto future = pending.promise.get_future();
     {
@@ -117,7 +113,7 @@ class ClassifyServer {
   }
 
   std::vector<AdapterInfo> adapters() const {
-    std::lock_guard<std::mutex> lock(model_mutex_);
+    std::lock_guard<std::mutex> lock(adapters_mutex_);
     std::vector<AdapterInfo> list;
     for (const auto& [name, info] : adapters_) list.push_back(info);
     return list;
@@ -127,34 +123,32 @@ class ClassifyServer {
   AdapterInfo load(const std::string& name, const std::string& folder) {
     check_name(name);
     std::lock_guard<std::mutex> lock(model_mutex_);
-    if (adapters_.count(name)) throw RequestError(409, "adapter '" + name + "' is loaded already; hot-swap or unload it");
+    if (serves(name)) throw RequestError(409, "adapter '" + name + "' is loaded already; hot-swap or unload it");
     const auto loaded = guarded([&] { return lora::io::load_adapter(model_.module(), folder, name, load_options(folder, name)); });
     model_.module().eval();
-    {
-      std::lock_guard<std::mutex> names_lock(names_mutex_);
-      served_.insert(name);
-    }
-    return adapters_[name] = {name, folder, loaded.config.adapter().r(), loaded.config.target_modules()};
+    const AdapterInfo info{name, folder, loaded.config.adapter().r(), loaded.config.target_modules()};
+    std::lock_guard<std::mutex> adapters_lock(adapters_mutex_);
+    return adapters_[name] = info;
   }
 
   /// Replaces adapter `name`'s values with a folder's; the others are untouched (all or nothing).
   lora::io::SwapKind hotswap(const std::string& name, const std::string& folder) {
     std::lock_guard<std::mutex> lock(model_mutex_);
-    if (!adapters_.count(name)) throw RequestError(404, "unknown adapter '" + name + "' (loaded: " + names_locked() + ")");
+    if (!serves(name)) throw unknown(name);
     const auto swapped =
         guarded([&] { return lora::io::hotswap_adapter(model_.module(), folder, name, load_options(folder, name)); });
     model_.module().eval();
+    std::lock_guard<std::mutex> adapters_lock(adapters_mutex_);
     adapters_[name] = {name, folder, swapped.config.adapter().r(), swapped.config.target_modules()};
     return swapped.kind;
   }
 
   void unload(const std::string& name) {
     std::lock_guard<std::mutex> lock(model_mutex_);
-    if (!adapters_.count(name)) throw RequestError(404, "unknown adapter '" + name + "' (loaded: " + names_locked() + ")");
+    if (!serves(name)) throw unknown(name);
     guarded([&] { lora::delete_adapter(model_.module(), name); });
+    std::lock_guard<std::mutex> adapters_lock(adapters_mutex_);
     adapters_.erase(name);
-    std::lock_guard<std::mutex> names_lock(names_mutex_);
-    served_.erase(name);
   }
 
   const lora::models::SequenceClassifier& model() const { return model_; }
@@ -201,16 +195,17 @@ class ClassifyServer {
     }
   }
 
-  std::string names_locked() const {
+  bool serves(const std::string& name) const {
+    std::lock_guard<std::mutex> lock(adapters_mutex_);
+    return adapters_.count(name) > 0;
+  }
+
+  /// The 404 for `name`, listing the loaded adapters.
+  RequestError unknown(const std::string& name) const {
+    std::lock_guard<std::mutex> lock(adapters_mutex_);
     std::string names;
     for (const auto& item : adapters_) names += (names.empty() ? "" : ", ") + item.first;
-    return names.empty() ? "none" : names;
-  }
-  /// The served names, for a request's 404 (names_mutex_ held).
-  std::string served_names() const {
-    std::string names;
-    for (const auto& name : served_) names += (names.empty() ? "" : ", ") + name;
-    return names.empty() ? "none" : names;
+    return RequestError(404, "unknown adapter '" + name + "' (loaded: " + (names.empty() ? "none" : names) + ")");
   }
 
   /// The batcher: waits for a first request, gives others `max_wait` to join (or until
@@ -240,7 +235,7 @@ class ClassifyServer {
     // An adapter unloaded since its request arrived: that request fails, the others go on.
     std::vector<Pending*> ready;
     for (auto& pending : batch) {
-      if (pending.adapter.empty() || adapters_.count(pending.adapter)) {
+      if (pending.adapter.empty() || serves(pending.adapter)) {
         ready.push_back(&pending);
       } else {
         pending.promise.set_exception(std::make_exception_ptr(
@@ -288,10 +283,10 @@ class ClassifyServer {
   std::shared_ptr<lora::tokenizers::Tokenizer> tokenizer_;
   ServerOptions options_;
 
-  mutable std::mutex model_mutex_;  // the model and adapters_: one forward or admin change at a time
+  std::mutex model_mutex_;  // the model: one forward pass or adapter change at a time
+  // What is served, under its own short-held lock (taken after model_mutex_ where both are).
+  mutable std::mutex adapters_mutex_;
   std::map<std::string, AdapterInfo> adapters_;
-  std::mutex names_mutex_;  // served_, what submit checks names against (taken after model_mutex_)
-  std::set<std::string> served_;
 
   std::mutex queue_mutex_;
   std::condition_variable queue_changed_;
