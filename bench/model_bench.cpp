@@ -139,11 +139,13 @@ struct Trainer {
   BertForSequenceClassification model{nullptr};
   std::unique_ptr<torch::optim::AdamW> optimizer;
 
-  Trainer(const BertConfig& config, bool full) : model(make_model(config)) {
+  /// `int8`: the frozen base stored int8 (`lora::quantize_base`), LoRA only.
+  Trainer(const BertConfig& config, bool full, bool int8 = false) : model(make_model(config)) {
     if (full) {
       lora::mark_all_as_trainable(*model);
     } else {
       lora::inject(*model, lora_config());
+      if (int8) lora::quantize_base(*model);
     }
     std::vector<torch::Tensor> trainable;
     for (const auto& parameter : model->parameters()) {
@@ -189,13 +191,14 @@ int rss_child(const std::string& spec) {
   const auto mode = spec.substr(colon + 1);
   std::mt19937_64 random(1);
   const auto batch = make_batch(std::vector<int64_t>(32, 128), size.config.vocab_size, random);
-  if (mode == "eval") {
+  if (mode == "eval" || mode == "eval-int8") {
     auto model = make_model(size.config);
+    if (mode == "eval-int8") lora::quantize_base(*model);
     model->eval();
     torch::NoGradGuard no_grad;
     for (int i = 0; i < 3; ++i) model(batch.ids, batch.mask, batch.types);
   } else {
-    Trainer trainer(size.config, mode == "full");
+    Trainer trainer(size.config, mode == "full", mode == "lora-int8");
     for (int i = 0; i < 3; ++i) trainer.step(batch);
   }
   std::cout << "peak_rss_mb=" << peak_rss_mb() << "\n";
@@ -258,9 +261,9 @@ void profile_case(Case& c, int calls) {
 }
 
 void report_rss(const Options& options) {
-  std::cout << "\npeak resident memory, one process per mode (32 x 128, 3 steps):\n";
+  std::cout << "\npeak resident memory, one process per mode (32 x 128, 3 steps; -int8: lora::quantize_base):\n";
   for (const auto& size : options.sizes) {
-    for (const std::string mode : {"eval", "lora", "full"}) {
+    for (const std::string mode : {"eval", "eval-int8", "lora", "lora-int8", "full"}) {
       char exe[4096] = {0};
       const auto length = ::readlink("/proc/self/exe", exe, sizeof exe - 1);
       if (length <= 0) return;
@@ -395,13 +398,27 @@ int main(int argc, char** argv) {
       }, flops, 0);
     }
 
+    // Dropout on an activation: LibTorch's (one Mersenne Twister draw at a time) against
+    // lora::dropout (Philox streams drawn in parallel), what every model dropout now calls.
+    {
+      auto x = std::make_shared<torch::Tensor>(torch::randn({32, 128, config.hidden_size}));
+      keep.push_back(x);
+      add(size.name + "_op_dropout_aten", [x] { at::dropout(*x, 0.1, true); }, 0, 0);
+      add(size.name + "_op_dropout_lora", [x] { lora::dropout(*x, 0.1, true); }, 0, 0);
+    }
+
     auto lora = std::make_shared<Trainer>(config, false);
     randomize_adapters(*lora->model);
+    auto lora_int8 = std::make_shared<Trainer>(config, false, true);
+    randomize_adapters(*lora_int8->model);
+    keep.push_back(lora_int8);
     auto full = std::make_shared<Trainer>(config, true);
     keep.push_back(lora);
     keep.push_back(full);
     // LoRA step: forward, input gradients (no frozen weight gradients), attention backward.
     add(size.name + "_lora_step_32x128", [lora, fixed_batch] { lora->step(*fixed_batch); },
+        2 * fixed_flops.linear + 3 * fixed_flops.attention, fixed_tokens);
+    add(size.name + "_lora_int8_step_32x128", [lora_int8, fixed_batch] { lora_int8->step(*fixed_batch); },
         2 * fixed_flops.linear + 3 * fixed_flops.attention, fixed_tokens);
     add(size.name + "_full_step_32x128", [full, fixed_batch] { full->step(*fixed_batch); },
         3 * (fixed_flops.linear + fixed_flops.attention), fixed_tokens);
@@ -412,6 +429,16 @@ int main(int argc, char** argv) {
         [plain, fixed_batch] {
           torch::NoGradGuard no_grad;
           (*plain)(fixed_batch->ids, fixed_batch->mask, fixed_batch->types);
+        },
+        fixed_flops.linear + fixed_flops.attention, fixed_tokens);
+    auto plain_int8 = std::make_shared<BertForSequenceClassification>(make_model(config));
+    lora::quantize_base(**plain_int8);
+    (*plain_int8)->eval();
+    keep.push_back(plain_int8);
+    add(size.name + "_eval_int8_32x128",
+        [plain_int8, fixed_batch] {
+          torch::NoGradGuard no_grad;
+          (*plain_int8)(fixed_batch->ids, fixed_batch->mask, fixed_batch->types);
         },
         fixed_flops.linear + fixed_flops.attention, fixed_tokens);
 
@@ -454,7 +481,7 @@ int main(int argc, char** argv) {
     keep.push_back(merged);
     const auto one = forward_flops(config, {size.latency_tokens});
     for (const auto& [label, model] : std::vector<std::pair<std::string, std::shared_ptr<BertForSequenceClassification>>>{
-             {"base", plain}, {"lora", unmerged}, {"merged", merged}}) {
+             {"base", plain}, {"lora", unmerged}, {"merged", merged}, {"int8", plain_int8}}) {
       add(size.name + "_latency_" + std::to_string(size.latency_tokens) + "_" + label,
           [model = model, sentence] {
             torch::NoGradGuard no_grad;

@@ -298,7 +298,7 @@ TEST_F(LayerKindsTest, Conv2dDropoutOnlyTouchesTheAdapterInput) {
   torch::manual_seed(7);
   const auto trained = layer(x);
   torch::manual_seed(7);
-  const auto mask_input = torch::dropout(x, 0.5, true);
+  const auto mask_input = lora::dropout(x, 0.5, true);  // the layer's draws: the same seed, the same mask
   const auto expected = reference_conv2d(x, base->weight, base->bias, layer->lora_A("default"), layer->lora_B("default"), 1.0, 1, 1)
                         - torch::conv2d(torch::conv2d(x, layer->lora_A("default"), {}, 1, 1), layer->lora_B("default")).to(torch::kDouble)
                         + torch::conv2d(torch::conv2d(mask_input, layer->lora_A("default"), {}, 1, 1), layer->lora_B("default")).to(torch::kDouble);

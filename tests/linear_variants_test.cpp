@@ -89,7 +89,7 @@ TEST_F(LoRAVariantsTest, DoRAWithDropoutMatchesPeftFormula) {
   torch::manual_seed(11);
   const auto y = layer(x);
   torch::manual_seed(11);
-  const auto xd = torch::dropout(x, 0.3, true);
+  const auto xd = lora::dropout(x, 0.3, true);  // the layer's draws: the same seed, the same mask
   const auto& A = layer->lora_A("default");
   const auto& B = layer->lora_B("default");
   const auto& m = layer->lora_magnitude_vector("default");

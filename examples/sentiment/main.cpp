@@ -9,6 +9,7 @@
 // Run any command with --help for its options.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <csignal>
 #include <cstdlib>
 #include <filesystem>
@@ -279,6 +280,7 @@ struct TrainFlags {
   double model_dropout = -1;  // < 0: the model config's
   std::string batching = "buckets";
   bool distributed = false;
+  bool int8_base = false;
 };
 
 lora::data::Examples read_split(const std::string& path) {
@@ -327,8 +329,15 @@ int run_train(const TrainFlags& flags) {
   torch::manual_seed(flags.seed);
   const auto config =
       adapter_config(flags.lora, flags.hf_model.empty() ? flags.model : flags.hf_model, model.default_targets());
+  TORCH_CHECK(!flags.int8_base || flags.mode == "lora", "--int8-base: only --mode lora keeps the base frozen (got --mode ",
+              flags.mode, ")");
   if (flags.mode == "lora") {
     lora::inject(model.module(), config);
+    if (flags.int8_base) {
+      const auto report = lora::quantize_base(model.module());
+      out << "int8 base: " << report.layers.size() << " linear layers, " << report.fp32_bytes / 1000000 << " MB fp32 -> "
+          << report.int8_bytes / 1000000 << " MB int8\n";
+    }
   } else if (flags.mode == "head") {
     // The family's head (BERT: pooler and classifier, as in the demo; DistilBERT: pre_classifier
     // and classifier; RoBERTa: classifier) trains in place; the result is saved as a whole model.
@@ -420,10 +429,15 @@ int run_train(const TrainFlags& flags) {
 }
 
 int run_eval(const std::string& model_folder, const std::string& identity, const std::string& adapter,
-             const std::string& data, int64_t batch, bool force) {
+             const std::string& data, int64_t batch, bool force, bool int8_base) {
   auto [model, tokenizer] = load_model(model_folder);
   require_binary(model, model_folder);
   if (!adapter.empty()) attach_adapter(model, adapter, identity, force);
+  if (int8_base) {
+    const auto report = lora::quantize_base(model.module());
+    std::cout << "int8 base: " << report.layers.size() << " linear layers\n";
+  }
+  const auto start = std::chrono::steady_clock::now();
   const auto examples = read_split(data).examples;
   lora::data::BatcherOptions batching;
   batching.batch_size = batch;
@@ -432,7 +446,8 @@ int run_eval(const std::string& model_folder, const std::string& identity, const
   std::cout << std::fixed << std::setprecision(4) << "examples " << m.count() << "\naccuracy " << m.accuracy
             << "\nf1 " << m.f1 << "\nloss " << m.loss << "\nconfusion (rows: true 0/1, columns: predicted 0/1)\n  "
             << m.true_negative << " " << m.false_positive << "\n  " << m.false_negative << " " << m.true_positive
-            << "\n";
+            << "\nseconds " << std::setprecision(2)
+            << std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() << "\n";
   return 0;
 }
 
@@ -576,6 +591,8 @@ int main(int argc, char** argv) {
   train_cmd->add_option("--model-dropout", train.model_dropout,
                          "dropout probability of the model's own layers (default: its config's)")
       ->check(CLI::Range(0.0, 0.999));
+  train_cmd->add_flag("--int8-base", train.int8_base,
+                      "--mode lora over an int8 copy of the frozen linear weights (lora::quantize_base)");
   train_cmd->add_flag("--distributed", train.distributed,
                       "one rank of a data-parallel run: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT as torchrun sets "
                       "them (implied when they are set); --batch-size is the global batch");
@@ -593,6 +610,8 @@ int main(int argc, char** argv) {
   eval_cmd->add_option("--data", data, "labelled file (.tsv: GLUE layout; else text<TAB>label)")->required();
   eval_cmd->add_option("--batch-size", batch, "batch size")->check(CLI::PositiveNumber);
   eval_cmd->add_flag("--force", force, "load an adapter trained on another base model");
+  bool int8_base = false;
+  eval_cmd->add_flag("--int8-base", int8_base, "store the frozen linear weights int8 (lora::quantize_base)");
   auto* predict_cmd = app.add_subcommand("predict", "label and probability for each sentence (arguments, --file or stdin)");
   predict_cmd->add_option("--model", model_folder, "model folder (or a merged one)");
   predict_cmd->add_option("--hf-model", hf_model, "download a Hugging Face model instead");
@@ -634,7 +653,7 @@ int main(int argc, char** argv) {
     if (*eval_cmd || *predict_cmd || *serve_cmd) resolve(model_folder, hf_model);
     const auto identity = hf_model.empty() ? model_folder : hf_model;  // what adapters record as their base
     if (*train_cmd) return run_train(train);
-    if (*eval_cmd) return run_eval(model_folder, identity, adapter, data, batch, force);
+    if (*eval_cmd) return run_eval(model_folder, identity, adapter, data, batch, force, int8_base);
     if (*predict_cmd) return run_predict(model_folder, identity, adapter, sentences, file, force);
     if (*serve_cmd) return run_serve(model_folder, serve);
     return run_demo(demo);

@@ -23,6 +23,10 @@
 
 namespace lora {
 
+namespace detail {
+class Int8Weight;  // <lora/detail/int8_linear.hpp>
+}  // namespace detail
+
 /// The kind of base layer a `LoRALayer` adapts (PEFT's layer classes).
 enum class LayerKind { kLinear, kEmbedding, kConv };
 
@@ -158,6 +162,17 @@ class LoRALayer : public AdapterLayer {
   /// Throws what `route` would throw (merged adapters, adapters disabled, base values this
   /// kind of layer cannot take), changing nothing.
   virtual void check_route(bool with_base_values) const = 0;
+
+  /// Replaces the frozen fp32 base weight by an int8 copy (per output channel) multiplied by
+  /// LibTorch's dynamically quantised GEMM; see `lora::quantize_base`. One way: the fp32
+  /// weight is released. Linear layers over `torch::nn::Linear` on the CPU only. `int8` is
+  /// the copy when already made from this layer's weight (`lora::quantize_base` makes every
+  /// layer's before changing any), else it is made here.
+  virtual void quantize_base(std::shared_ptr<const detail::Int8Weight> int8 = nullptr) = 0;
+  /// Throws what `quantize_base` would throw, changing nothing.
+  virtual void check_quantize_base() const = 0;
+  /// Whether the base weight is stored int8 (then merging and DoRA are refused).
+  virtual bool base_is_int8() const = 0;
 };
 
 namespace detail {

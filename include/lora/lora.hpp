@@ -13,6 +13,7 @@
 #include <lora/adaptable.hpp>
 #include <lora/config.hpp>
 #include <lora/conv.hpp>
+#include <lora/dropout.hpp>
 #include <lora/embedding.hpp>
 #include <lora/functional.hpp>
 #include <lora/init.hpp>
@@ -24,6 +25,7 @@
 #include <lora/modules_to_save.hpp>
 #include <lora/options.hpp>
 #include <lora/plan.hpp>
+#include <lora/quantize.hpp>
 #include <lora/state_dict.hpp>
 #include <lora/target.hpp>
 #include <lora/trainable.hpp>

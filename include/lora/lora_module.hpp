@@ -42,6 +42,7 @@
 #include <torch/nn/pimpl.h>
 
 #include <lora/detail/factor_table.hpp>
+#include <lora/detail/int8_linear.hpp>
 #include <lora/detail/magnitude.hpp>
 #include <lora/layer.hpp>
 #include <lora/options.hpp>
@@ -163,6 +164,9 @@ class LoRAModuleImpl : public torch::nn::Cloneable<LoRAModuleImpl<Kind>>, public
   LayerKind layer_kind() const override { return Kind::kind; }
   void route(std::shared_ptr<const detail::Routing> routing, std::vector<detail::RoutedBase> base_values = {}) override;
   void check_route(bool with_base_values) const override;
+  void quantize_base(std::shared_ptr<const detail::Int8Weight> int8 = nullptr) override;
+  void check_quantize_base() const override;
+  bool base_is_int8() const override { return int8_base_ != nullptr; }
 
   /// The wrapped layer.
   BaseHolder base_layer() const { return base_layer_; }
@@ -213,6 +217,10 @@ class LoRAModuleImpl : public torch::nn::Cloneable<LoRAModuleImpl<Kind>>, public
   at::Tensor adapter_term(const std::string& name, const at::Tensor& x, const at::Tensor& base_output,
                           bool dropout_active) const;
   static at::Tensor add_term(const at::Tensor& result, const at::Tensor& term);
+  /// The base layer's output: its own forward, or the int8 product once quantised.
+  at::Tensor base_forward(const at::Tensor& x);
+  /// Throws when the base weight is int8: `operation` needs the fp32 weight.
+  void check_fp32_base(const char* operation) const;
   /// `forward` for a mixed-adapter batch: the base once, each group's delta on its rows.
   at::Tensor forward_routed(const at::Tensor& input);
 
@@ -233,6 +241,8 @@ class LoRAModuleImpl : public torch::nn::Cloneable<LoRAModuleImpl<Kind>>, public
   /// Set while a mixed-adapter batch is routed (`route`).
   std::shared_ptr<const detail::Routing> routing_;
   std::vector<detail::RoutedBase> routed_base_;
+  /// Set by `quantize_base`: the int8 weight that replaced the fp32 one.
+  std::shared_ptr<const detail::Int8Weight> int8_base_;
 };
 
 /// Module holder for `LoRAModuleImpl<Kind>`, used like the base layer's holder.

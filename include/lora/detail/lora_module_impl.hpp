@@ -5,11 +5,13 @@
 #include <algorithm>
 #include <cmath>
 #include <sstream>
+#include <type_traits>
 
 #include <ATen/ATen.h>
 #include <torch/nn/init.h>
 
 #include <lora/detail/strings.hpp>
+#include <lora/dropout.hpp>
 #include <lora/functional.hpp>
 #include <lora/init.hpp>
 
@@ -79,6 +81,7 @@ void LoRAModuleImpl<Kind>::build(BaseHolder base) {
 
 template <typename Kind>
 void LoRAModuleImpl<Kind>::reset() {
+  int8_base_ = nullptr;  // the fresh base is fp32
   merged_.clear();  // fresh weights hold no merge
   dora_merge_norms_.clear();
   build(BaseHolder(std::make_shared<BaseModule>(base_options_)));
@@ -95,6 +98,7 @@ void LoRAModuleImpl<Kind>::reset_parameters() {
 
 template <typename Kind>
 std::shared_ptr<torch::nn::Module> LoRAModuleImpl<Kind>::clone(const c10::optional<torch::Device>& device) const {
+  check_fp32_base("clone the layer");
   auto copy = torch::nn::Cloneable<LoRAModuleImpl<Kind>>::clone(device);
   auto copied = copy->named_parameters();
   for (const auto& parameter : this->named_parameters()) {
@@ -175,6 +179,15 @@ void LoRAModuleImpl<Kind>::check_add_adapter(const std::string& name, const LoRA
   TORCH_CHECK(!has_adapter(name), Kind::layer_name, ": adapter '", name, "' already exists");
   TORCH_CHECK(merged_.empty(), Kind::layer_name, ": cannot add adapter '", name, "' while merged (merged: ",
               detail::join(merged_), "); call unmerge() first");
+  if (int8_base_) {
+    const auto init = parse_init(options.init()).kind;
+    TORCH_CHECK(!options.use_dora() && init != InitKind::kPiSSA && init != InitKind::kOLoRA, Kind::layer_name,
+                ": adapter '", name, "' ", options.use_dora() ? "uses DoRA" : "has init '" + options.init() + "'",
+                ", which needs the fp32 base weight; this layer's base is int8 (lora::quantize_base)");
+    check_adapter_options(Kind::layer_name, name, options, int8_base_->in_features(), int8_base_->out_features(),
+                          at::kFloat, Kind::decomposable);
+    return;
+  }
   const auto weight = weight_matrix();
   check_adapter_options(Kind::layer_name, name, options, weight.size(1), weight.size(0), weight.scalar_type(),
                         Kind::decomposable);
@@ -405,6 +418,7 @@ at::Tensor LoRAModuleImpl<Kind>::magnitude_vector(const std::string& name) const
 
 template <typename Kind>
 at::Tensor LoRAModuleImpl<Kind>::weight_matrix() const {
+  check_fp32_base("read the base weight");
   return Kind::matrix(Kind::weight(*base_layer_));
 }
 
@@ -448,10 +462,10 @@ at::Tensor LoRAModuleImpl<Kind>::forward(const at::Tensor& input) {
   if (routing_) return forward_routed(input);
   const auto is_pending = [this](const std::string& name) { return !is_merged(name); };
   if (!enabled_ || std::none_of(active_.begin(), active_.end(), is_pending)) {
-    return Kind::base_forward(*base_layer_, input);
+    return base_forward(input);
   }
   const auto x = Kind::flatten(base_options_, input);
-  const auto base_output = Kind::base_forward(*base_layer_, x);
+  const auto base_output = base_forward(x);
   const bool dropout_active = Kind::uses_dropout && this->is_training();
   auto result = base_output;
 
@@ -466,7 +480,7 @@ at::Tensor LoRAModuleImpl<Kind>::forward(const at::Tensor& input) {
     if (options.use_dora() || !is_pending(name)) continue;
     const auto& A = lora_A(name);
     auto xa = Kind::cast_input(x, A.scalar_type());
-    if (dropout_active && options.dropout() > 0.0) xa = at::dropout(xa, options.dropout(), /*train=*/true);
+    if (dropout_active && options.dropout() > 0.0) xa = lora::dropout(xa, options.dropout(), /*training=*/true);
     result = Kind::accumulate(result, Kind::down(*base_layer_, xa, A), lora_B(name), options.scaling());
   }
   return Kind::unflatten(result, input);
@@ -486,7 +500,7 @@ at::Tensor LoRAModuleImpl<Kind>::adapter_term(const std::string& name, const at:
   const double s = options.scaling();
   const bool dropped = dropout_active && options.dropout() > 0.0;
   auto xa = Kind::cast_input(x, A.scalar_type());
-  if (dropped) xa = at::dropout(xa, options.dropout(), /*train=*/true);
+  if (dropped) xa = lora::dropout(xa, options.dropout(), /*training=*/true);
   const auto h = Kind::down(*base_layer_, xa, A);
   if (!options.use_dora()) return Kind::up(h, B) * s;
 
@@ -515,7 +529,7 @@ at::Tensor LoRAModuleImpl<Kind>::forward_routed(const at::Tensor& input) {
               "the batch (got input of shape ", input.sizes(), ")");
   const auto x = Kind::flatten(base_options_, input);
   const int64_t rows = x.size(0);
-  auto result = Kind::base_forward(*base_layer_, x);
+  auto result = base_forward(x);
   const auto& live_weight = base_weight();
   for (size_t group = 0; group < routed_base_.size(); ++group) {
     const auto& values = routed_base_[group];
@@ -573,8 +587,55 @@ void LoRAModuleImpl<Kind>::route(std::shared_ptr<const detail::Routing> routing,
 }
 
 template <typename Kind>
+at::Tensor LoRAModuleImpl<Kind>::base_forward(const at::Tensor& x) {
+  if (int8_base_) return detail::int8_linear(x, int8_base_, Kind::bias(*base_layer_));
+  return Kind::base_forward(*base_layer_, x);
+}
+
+template <typename Kind>
+void LoRAModuleImpl<Kind>::check_fp32_base(const char* operation) const {
+  TORCH_CHECK(!int8_base_, Kind::layer_name, ": cannot ", operation,
+              ": the base weight is stored int8 (lora::quantize_base) and its fp32 values are gone");
+}
+
+template <typename Kind>
+void LoRAModuleImpl<Kind>::check_quantize_base() const {
+  constexpr bool linear = std::is_same_v<typename Kind::BaseModule, torch::nn::LinearImpl>;
+  TORCH_CHECK(linear, Kind::layer_name, ": an int8 base is for Linear layers over torch::nn::Linear only");
+  check_not_routed("quantise the base weight");
+  TORCH_CHECK(!int8_base_, Kind::layer_name, ": the base weight is already int8");
+  TORCH_CHECK(merged_.empty(), Kind::layer_name, ": cannot quantise the base weight while adapters are merged into it ",
+              "(merged: ", detail::join(merged_), "); call unmerge() first");
+  for (const auto& entry : adapters_) {
+    TORCH_CHECK(!entry.options.use_dora(), Kind::layer_name, ": adapter '", entry.name,
+                "' uses DoRA, whose weight norm needs the fp32 base weight; an int8 base takes plain LoRA adapters");
+  }
+  const auto weight = base_weight();
+  TORCH_CHECK(!weight.requires_grad(), Kind::layer_name, ": the base weight is trainable; only a frozen base is stored int8");
+  TORCH_CHECK(weight.device().is_cpu(), Kind::layer_name, ": an int8 base runs on the CPU only (the weight is on ",
+              weight.device(), ")");
+}
+
+template <typename Kind>
+void LoRAModuleImpl<Kind>::quantize_base(std::shared_ptr<const detail::Int8Weight> int8) {
+  check_quantize_base();
+  if constexpr (std::is_same_v<typename Kind::BaseModule, torch::nn::LinearImpl>) {
+    auto& weight = base_layer_->weight;
+    if (!int8) int8 = std::make_shared<const detail::Int8Weight>(weight);
+    TORCH_CHECK(int8->out_features() == weight.size(0) && int8->in_features() == weight.size(1), Kind::layer_name,
+                ": int8 weight of shape [", int8->out_features(), ", ", int8->in_features(),
+                "] does not fit the base weight ", weight.sizes());
+    torch::NoGradGuard no_grad;
+    // The registered parameter keeps its name, dtype and device but no values: the memory goes.
+    weight.set_data(at::empty({0}, weight.options()));
+    int8_base_ = std::move(int8);
+  }
+}
+
+template <typename Kind>
 void LoRAModuleImpl<Kind>::check_merge(const std::vector<std::string>& adapter_names) const {
   check_not_routed("merge");
+  check_fp32_base("merge");
   TORCH_CHECK(enabled_, Kind::layer_name, ": cannot merge while adapters are disabled; call enable_adapters(true) first");
   for (const auto& name : adapter_names) check_adapter(name, "merge");
 }
@@ -700,6 +761,7 @@ std::vector<std::pair<std::string, at::Tensor>> LoRAModuleImpl<Kind>::adapter_st
 
 template <typename Kind>
 std::vector<std::pair<std::string, at::Tensor>> LoRAModuleImpl<Kind>::base_state() const {
+  check_fp32_base("read the base state");
   std::vector<std::pair<std::string, at::Tensor>> state;
   for (const auto& item : base_layer_->named_parameters()) state.emplace_back(item.key(), item.value());
   for (const auto& item : base_layer_->named_buffers()) state.emplace_back(item.key(), item.value());
@@ -710,6 +772,7 @@ template <typename Kind>
 void LoRAModuleImpl<Kind>::pretty_print(std::ostream& stream) const {
   stream << "lora::";
   Kind::describe(stream, base_options_);
+  if (int8_base_) stream << ", base=int8";
   stream << ", adapters=[";
   for (size_t i = 0; i < adapters_.size(); ++i) {
     const auto& [name, options, config, trainable] = adapters_[i];

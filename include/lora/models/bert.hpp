@@ -20,6 +20,7 @@
 
 #include <lora/linear.hpp>
 #include <lora/models/bert_config.hpp>
+#include <lora/models/detail/attention.hpp>
 #include <lora/models/encoder.hpp>
 
 namespace lora::models {
@@ -51,7 +52,7 @@ struct BertEmbeddingsImpl : torch::nn::Module {
     const auto positions = torch::arange(input_ids.size(1), input_ids.options()).unsqueeze(0);
     auto embeddings = word_embeddings(input_ids) + token_type_embeddings(token_type_ids);
     embeddings = embeddings + position_embeddings(positions);
-    return dropout(LayerNorm(embeddings));
+    return detail::drop(dropout, LayerNorm(embeddings));
   }
 
   torch::nn::Embedding word_embeddings{nullptr}, position_embeddings{nullptr}, token_type_embeddings{nullptr};
@@ -72,15 +73,8 @@ struct BertSelfAttentionImpl : torch::nn::Module {
 
   /// `additive_mask` is [batch, 1, 1, seq] (0 for tokens, the dtype's minimum for padding) or undefined.
   at::Tensor forward(const at::Tensor& hidden, const at::Tensor& additive_mask) {
-    const auto batch = hidden.size(0), seq = hidden.size(1);
-    auto heads_first = [&](const at::Tensor& t) { return t.view({batch, seq, heads, head_size}).permute({0, 2, 1, 3}); };
-    const auto q = heads_first(query(hidden));
-    const auto k = heads_first(key(hidden));
-    const auto v = heads_first(value(hidden));
-    auto scores = torch::matmul(q, k.transpose(-1, -2)) / std::sqrt(static_cast<double>(head_size));
-    if (additive_mask.defined()) scores = scores + additive_mask;
-    const auto probs = dropout(torch::softmax(scores, -1));
-    return torch::matmul(probs, v).permute({0, 2, 1, 3}).contiguous().view({batch, seq, heads * head_size});
+    return detail::multi_head_attention(query(hidden), key(hidden), value(hidden), heads, additive_mask,
+                                        dropout->options.p(), dropout->is_training());
   }
 
   int64_t heads, head_size;
@@ -97,7 +91,7 @@ struct BertResidualOutputImpl : torch::nn::Module {
     dropout = register_module("dropout", torch::nn::Dropout(config.hidden_dropout_prob));
   }
   at::Tensor forward(const at::Tensor& x, const at::Tensor& residual) {
-    return LayerNorm(dropout(dense(x)) + residual);
+    return LayerNorm(detail::drop(dropout, dense(x)) + residual);
   }
   lora::LoRALinear<> dense{nullptr};
   torch::nn::LayerNorm LayerNorm{nullptr};
@@ -215,7 +209,7 @@ struct BertForSequenceClassificationImpl : torch::nn::Module {
   /// Logits [batch, num_labels].
   at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& attention_mask = {},
                      const at::Tensor& token_type_ids = {}) {
-    return classifier(dropout(bert->forward(input_ids, attention_mask, token_type_ids).pooler_output));
+    return classifier(detail::drop(dropout, bert->forward(input_ids, attention_mask, token_type_ids).pooler_output));
   }
 
   BertConfig config;

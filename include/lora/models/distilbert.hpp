@@ -17,6 +17,7 @@
 #include <torch/types.h>
 
 #include <lora/linear.hpp>
+#include <lora/models/detail/attention.hpp>
 #include <lora/models/distilbert_config.hpp>
 #include <lora/models/encoder.hpp>
 
@@ -65,7 +66,7 @@ struct DistilBertEmbeddingsImpl : torch::nn::Module {
 
   at::Tensor forward(const at::Tensor& input_ids) {
     const auto positions = at::arange(input_ids.size(1), input_ids.options()).unsqueeze(0);
-    return dropout(LayerNorm(word_embeddings(input_ids) + position_embeddings(positions)));
+    return detail::drop(dropout, LayerNorm(word_embeddings(input_ids) + position_embeddings(positions)));
   }
 
   torch::nn::Embedding word_embeddings{nullptr}, position_embeddings{nullptr};
@@ -86,17 +87,13 @@ struct DistilBertAttentionImpl : torch::nn::Module {
     dropout = register_module("dropout", torch::nn::Dropout(config.attention_dropout));
   }
 
-  /// `padding` is [batch, 1, 1, seq], true at padded keys, or undefined.
-  at::Tensor forward(const at::Tensor& hidden, const at::Tensor& padding) {
-    const auto batch = hidden.size(0), seq = hidden.size(1);
-    auto heads_first = [&](const at::Tensor& t) { return t.view({batch, seq, heads, head_size}).transpose(1, 2); };
-    const auto q = heads_first(q_lin(hidden)) / std::sqrt(static_cast<double>(head_size));
-    const auto k = heads_first(k_lin(hidden));
-    const auto v = heads_first(v_lin(hidden));
-    auto scores = at::matmul(q, k.transpose(2, 3));
-    if (padding.defined()) scores = scores.masked_fill(padding, detail::lowest_value(scores.scalar_type()));
-    const auto weights = dropout(at::softmax(scores, -1));
-    return out_lin(at::matmul(weights, v).transpose(1, 2).contiguous().view({batch, seq, heads * head_size}));
+  /// `additive_mask` is [batch, 1, 1, seq] (0 for tokens, the dtype's minimum for padding) or
+  /// undefined. transformers scales the query and fills padded scores with the minimum; the
+  /// scale folded into the product and the minimum added give the same scores (bit for bit
+  /// when √d is a power of two).
+  at::Tensor forward(const at::Tensor& hidden, const at::Tensor& additive_mask) {
+    return out_lin(detail::multi_head_attention(q_lin(hidden), k_lin(hidden), v_lin(hidden), heads, additive_mask,
+                                                dropout->options.p(), dropout->is_training()));
   }
 
   int64_t heads, head_size;
@@ -112,7 +109,7 @@ struct DistilBertFeedForwardImpl : torch::nn::Module {
     lin2 = register_module("lin2", detail::projection(config.hidden_dim, config.dim));
     dropout = register_module("dropout", torch::nn::Dropout(config.dropout));
   }
-  at::Tensor forward(const at::Tensor& x) { return dropout(lin2(detail::activation(lin1(x), act))); }
+  at::Tensor forward(const at::Tensor& x) { return detail::drop(dropout, lin2(detail::activation(lin1(x), act))); }
   std::string act;
   lora::LoRALinear<> lin1{nullptr}, lin2{nullptr};
   torch::nn::Dropout dropout{nullptr};
@@ -127,8 +124,8 @@ struct DistilBertBlockImpl : torch::nn::Module {
     ffn = register_module("ffn", DistilBertFeedForward(config));
     output_layer_norm = register_module("output_layer_norm", detail::distilbert_layer_norm(config));
   }
-  at::Tensor forward(const at::Tensor& x, const at::Tensor& padding) {
-    const auto attended = sa_layer_norm(attention(x, padding) + x);
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& additive_mask) {
+    const auto attended = sa_layer_norm(attention(x, additive_mask) + x);
     return output_layer_norm(ffn(attended) + attended);
   }
   DistilBertAttention attention{nullptr};
@@ -154,11 +151,13 @@ struct DistilBertModelImpl : torch::nn::Module {
                         bool output_hidden_states = false) {
     detail::check_encoder_inputs("DistilBertModel", input_ids, attention_mask, config.max_position_embeddings);
     auto hidden = embeddings(input_ids);
-    const auto padding = attention_mask.defined() ? attention_mask.eq(0).unsqueeze(1).unsqueeze(2) : at::Tensor();
+    const auto additive_mask = attention_mask.defined()
+                                   ? detail::additive_attention_mask(attention_mask, hidden.scalar_type())
+                                   : at::Tensor();
     EncoderOutput output;
     if (output_hidden_states) output.hidden_states.push_back(hidden);
     for (const auto& layer : *layers) {
-      hidden = layer->as<DistilBertBlockImpl>()->forward(hidden, padding);
+      hidden = layer->as<DistilBertBlockImpl>()->forward(hidden, additive_mask);
       if (output_hidden_states) output.hidden_states.push_back(hidden);
     }
     output.last_hidden_state = hidden;
@@ -184,7 +183,7 @@ struct DistilBertForSequenceClassificationImpl : torch::nn::Module {
   /// Logits [batch, num_labels].
   at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& attention_mask = {}) {
     const auto first = distilbert->forward(input_ids, attention_mask).last_hidden_state.select(1, 0);
-    return classifier(dropout(at::relu(pre_classifier(first))));
+    return classifier(detail::drop(dropout, at::relu(pre_classifier(first))));
   }
 
   DistilBertConfig config;

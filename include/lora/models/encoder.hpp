@@ -10,7 +10,10 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <torch/nn/modules/dropout.h>
 #include <torch/nn/modules/linear.h>
+
+#include <lora/dropout.hpp>
 
 #include <lora/linear.hpp>
 
@@ -27,6 +30,12 @@ namespace detail {
 /// Every projection of our encoders is adaptable: a `LoRALinear` over `torch::nn::Linear`.
 inline lora::LoRALinear<> projection(int64_t in, int64_t out) {
   return lora::LoRALinear<>(torch::nn::LinearOptions(in, out));
+}
+
+/// A model's `torch::nn::Dropout` member (its p and train/eval mode) applied through
+/// `lora::dropout`, whose masks are drawn in parallel.
+inline at::Tensor drop(const torch::nn::Dropout& module, const at::Tensor& x) {
+  return lora::dropout(x, module->options.p(), module->is_training());
 }
 
 /// transformers' activations by config name: "gelu" (exact, erf), "gelu_new" /

@@ -45,7 +45,7 @@ struct RobertaEmbeddingsImpl : torch::nn::Module {
   at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& token_type_ids) {
     auto embeddings = word_embeddings(input_ids) + token_type_embeddings(token_type_ids);
     embeddings = embeddings + position_embeddings(roberta_position_ids(input_ids, padding_idx));
-    return dropout(LayerNorm(embeddings));
+    return detail::drop(dropout, LayerNorm(embeddings));
   }
 
   int64_t padding_idx;
@@ -106,7 +106,7 @@ struct RobertaClassificationHeadImpl : torch::nn::Module {
   }
   /// `hidden` [batch, seq, hidden] → logits [batch, num_labels].
   at::Tensor forward(const at::Tensor& hidden) {
-    return out_proj(dropout(at::tanh(dense(dropout(hidden.select(1, 0))))));
+    return out_proj(detail::drop(dropout, at::tanh(dense(detail::drop(dropout, hidden.select(1, 0))))));
   }
   lora::LoRALinear<> dense{nullptr}, out_proj{nullptr};
   torch::nn::Dropout dropout{nullptr};
